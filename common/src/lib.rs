@@ -1,0 +1,20 @@
+//! The core that the coordinator, the plant client and the simulations share.
+//!
+//! Everything here is plain, synchronous Rust with no I/O beyond files the caller names:
+//! model state and its safetensors form ([`model`]), weight deltas and their wire codecs
+//! ([`delta`]), federated averaging ([`fedavg`]), Ed25519 signing ([`signing`]), mutual TLS
+//! configuration ([`tls`]) and the development PKI ([`pki`]). Nothing in this crate knows
+//! about gRPC, sled or images.
+
+pub mod arch;
+pub mod delta;
+pub mod fedavg;
+pub mod fsutil;
+pub mod model;
+pub mod pki;
+pub mod signing;
+pub mod tls;
+#[cfg(feature = "torch")]
+pub mod torch;
+
+pub use model::{ModelError, ModelHash, ModelState, Tensor};
