@@ -8,6 +8,7 @@
 
 pub mod arch;
 pub mod delta;
+pub mod detection;
 pub mod fedavg;
 pub mod fsutil;
 pub mod model;
