@@ -2,11 +2,25 @@
 //! mAP@[.5:.95], and the DeepPCB protocol (IoU > 0.33, same class) with precision, recall and
 //! F-score at a score threshold; plus PR-curve plots, detections JSON and annotated images.
 //!
-//! `EvalReport` is the contract with the CLI (`client eval --json`) and the federation.
+//! `EvalReport` is the contract with the CLI (`client eval --json`) and the federation;
+//! [`evaluate`] fills it. The AP arithmetic lives in [`map`] and matches the DeepPCB baseline
+//! script (VOC all-point AP, IoU strictly above the threshold), so numbers are comparable.
+
+pub mod draw;
+pub mod export;
+pub mod font;
+pub mod map;
+pub mod plot;
 
 use std::collections::BTreeMap;
 
+use fedinspect_common::detection::{Annotation, Detection};
 use serde::{Deserialize, Serialize};
+
+use crate::data::Dataset;
+
+/// IoU threshold of the DeepPCB protocol (a detection counts if IoU > 0.33, same class).
+pub const DEEPPCB_IOU: f64 = 0.33;
 
 /// Everything `client eval --json` prints.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -23,4 +37,83 @@ pub struct EvalReport {
     pub seconds: f64,
     /// Score threshold at which precision/recall/F1 were computed.
     pub score_threshold: f64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EvalError {
+    #[error("got detections for {detections} images but ground truth for {ground_truth}; pass one list per evaluated image, in the same order")]
+    LengthMismatch { detections: usize, ground_truth: usize },
+    #[error("no class names given; pass the dataset's class names")]
+    NoClasses,
+    #[error("image {image}: detection class {class} is out of range for {classes} classes; check that the model was trained on this dataset's classes")]
+    DetectionClass { image: usize, class: u32, classes: usize },
+    #[error("image {image}: ground-truth class {class} is out of range for {classes} classes; validate the dataset first")]
+    GroundTruthClass { image: usize, class: u32, classes: usize },
+    #[error("image {image}: detection score {score} is not a finite number; check the detector's output")]
+    Score { image: usize, score: f32 },
+}
+
+/// Scores `detections[i]` against `ground_truth[i]` (both in original image coordinates) for
+/// every image `i`: mAP at IoU 0.5, 0.33 and [.5:.95], AP@0.5 per class, and precision,
+/// recall and F1 at IoU > 0.33 over detections scoring at least `score_threshold`.
+/// `seconds` is the inference wall time the caller measured; it is copied into the report.
+pub fn evaluate(
+    detections: &[Vec<Detection>],
+    ground_truth: &[Vec<Annotation>],
+    class_names: &[String],
+    score_threshold: f64,
+    seconds: f64,
+) -> Result<EvalReport, EvalError> {
+    check(detections, ground_truth, class_names.len())?;
+    let n = class_names.len();
+    let (map_50, ap_50) = map::mean_ap(detections, ground_truth, n, 0.5);
+    let (map_33, _) = map::mean_ap(detections, ground_truth, n, DEEPPCB_IOU);
+    let counts = map::counts(detections, ground_truth, n, DEEPPCB_IOU, score_threshold);
+    Ok(EvalReport {
+        map_50,
+        map_50_95: map::map_50_95(detections, ground_truth, n),
+        map_33,
+        precision_33: counts.precision(),
+        recall_33: counts.recall(),
+        f1_33: counts.f1(),
+        per_class: class_names.iter().cloned().zip(ap_50).collect(),
+        images: ground_truth.len(),
+        seconds,
+        score_threshold,
+    })
+}
+
+/// Orders detections keyed by item id like `dataset.items`; an item with no entry (e.g. one
+/// the loader skipped) gets no detections, so its defects count as missed.
+pub fn align_detections(dataset: &Dataset, by_id: impl IntoIterator<Item = (String, Vec<Detection>)>) -> Vec<Vec<Detection>> {
+    let mut map: BTreeMap<String, Vec<Detection>> = by_id.into_iter().collect();
+    dataset
+        .items
+        .iter()
+        .map(|item| map.remove(&item.id).unwrap_or_default())
+        .collect()
+}
+
+fn check(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], classes: usize) -> Result<(), EvalError> {
+    if detections.len() != ground_truth.len() {
+        return Err(EvalError::LengthMismatch {
+            detections: detections.len(),
+            ground_truth: ground_truth.len(),
+        });
+    }
+    if classes == 0 {
+        return Err(EvalError::NoClasses);
+    }
+    for (image, (dets, gts)) in detections.iter().zip(ground_truth).enumerate() {
+        if let Some(d) = dets.iter().find(|d| d.class as usize >= classes) {
+            return Err(EvalError::DetectionClass { image, class: d.class, classes });
+        }
+        if let Some(d) = dets.iter().find(|d| !d.score.is_finite()) {
+            return Err(EvalError::Score { image, score: d.score });
+        }
+        if let Some(a) = gts.iter().find(|a| a.class as usize >= classes) {
+            return Err(EvalError::GroundTruthClass { image, class: a.class, classes });
+        }
+    }
+    Ok(())
 }

@@ -1,1 +1,80 @@
-//! (placeholder: being written)
+//! Federated averaging: the canonical FedAvg that defines every published model, the streaming
+//! accumulator that folds uploads in as they arrive, and the [`Strategy`] trait they serve.
+//!
+//! FedAvg moves the global model by the sample-weighted mean of the plants' deltas:
+//!
+//! ```text
+//! new = base + sum_k(n_k * delta_k) / sum_k(n_k)        n_k: plant k's sample count (u64)
+//! ```
+//!
+//! Per element, both paths below compute it in f64 and round once:
+//! `new[i] = ((base[i] as f64) + acc[i] / (N as f64)) as f32`, with
+//! `acc[i] = sum_k (n_k as f64) * (delta_k[i] as f64)` and `N = sum_k n_k`. Each product is
+//! rounded to f64 and then added; nothing is ever fused into an FMA, so every CPU gives the same
+//! bits. On the benchmark workload (`bench/WORKLOAD.md`) this is exactly its canonical formula.
+//!
+//! # The canonical path defines the published model
+//!
+//! [`aggregate_canonical`] (and [`FedAvg`], the [`Strategy`] that calls it) accumulates in a
+//! fixed order: the plants sorted by id, per element. It reads each delta through
+//! [`DeltaSource`], by ranges, in tiles of [`TILE`] values whose f64 accumulator stays in L2,
+//! so each delta streams from memory (or from its blob file) once. Neither the order of the
+//! updates, nor the tile size, nor where the deltas live changes a bit of the result: after a
+//! crash the coordinator recomputes the same model from the stored uploads. **The published
+//! model of a round is always the canonical one.**
+//!
+//! # The streaming path, and when it gives the same bits
+//!
+//! [`StreamingFedAvg`] keeps one f64 accumulator of the model's size (O(P) memory, whatever the
+//! number of plants) and adds each plant's values in arrival order, so the average is ready as
+//! soon as the last value arrived. f64 addition is not associative, so in general its result can
+//! differ from the canonical one in the last bit. It is bit-identical whenever every product and
+//! every partial sum is exact, because then no order rounds anything: for instance when all
+//! `n_k * delta_k[i]` are multiples of one power of two `q` and `sum_k |n_k * delta_k[i]| <
+//! 2^53 q`, with `n_k < 2^29` so that the f32-by-integer products are exact. The workload is such
+//! a case (`delta = D * 2^-24` with small integers `D`, `n_k <= 6400`), and the streaming
+//! result matches its published checksums. Outside that case the streaming result is a
+//! preview within rounding of the canonical model: publish the canonical one.
+//!
+//! # Discarding a plant whose stream failed
+//!
+//! A plant's values go into the shared accumulator as they arrive, and a plant whose stream
+//! fails is taken out again by subtracting the values it had delivered, read back from the
+//! stored upload ([`StreamingFedAvg::discard_plant`]). The other way, a staging buffer per
+//! upload folded in at commit, costs 4 bytes per parameter for every upload in flight: with K
+//! plants uploading at once that is K model copies, which is the memory streaming is meant to
+//! save. The coordinator stores every upload anyway (the canonical recomputation reads it), so
+//! the values to subtract are at hand and a failure costs one more read of that upload.
+//! Subtraction undoes an addition exactly whenever the sums were exact, the same condition under
+//! which streaming equals canonical; otherwise the streaming preview is off by rounding, and the
+//! published model, computed canonically without the failed plant, is unaffected. If the
+//! upload cannot be read back, the accumulator refuses further use ([`FedAvgError::Poisoned`])
+//! and the round is aggregated canonically. A whole delta given to [`StreamingFedAvg::add`] is
+//! validated before it is added.
+//!
+//! # Refusals
+//!
+//! Every refusal is its own [`FedAvgError`] variant naming the plant and tensor: no plants, a
+//! duplicate plant id, a total weight of zero (a single zero-weight plant is allowed and adds
+//! nothing), a weight sum overflowing u64, a missing, extra or reshaped tensor, a non-finite
+//! value, and a float32 overflow of the average.
+
+mod canonical;
+mod error;
+mod kernels;
+mod layout;
+mod source;
+mod strategy;
+mod stream;
+pub mod workload;
+
+pub use canonical::{aggregate_canonical, TILE};
+pub use error::FedAvgError;
+pub use source::{DeltaSource, PlantUpdate};
+pub use strategy::{FedAvg, Strategy};
+pub use stream::StreamingFedAvg;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod workload_tests;

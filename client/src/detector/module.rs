@@ -1,0 +1,258 @@
+//! The tch network of a [`Graph`]: its variables created in a VarStore under the graph's
+//! parameter names, and a forward pass that interprets the nodes in order.
+//!
+//! The graph is compiled once into steps that hold their tensors and input slots, so a forward
+//! pass is one tch call per node and no name lookups; intermediate values are dropped after
+//! their last reader.
+
+use std::collections::HashMap;
+
+use fedinspect_common::arch::{Graph, Op, ParamInit};
+use tch::nn::{self, Init};
+use tch::{Kind, TchError, Tensor};
+
+/// BatchNorm constants, PyTorch's defaults.
+const BN_MOMENTUM: f64 = 0.1;
+const BN_EPS: f64 = 1e-5;
+
+enum Step {
+    Input,
+    Conv {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: i64,
+        padding: i64,
+    },
+    BatchNorm {
+        weight: Tensor,
+        bias: Tensor,
+        mean: Tensor,
+        var: Tensor,
+    },
+    Silu,
+    Relu,
+    Sigmoid,
+    Add,
+    Concat,
+    Upsample2x,
+    MaxPool {
+        kernel: i64,
+        stride: i64,
+    },
+    FlattenSpatial,
+    Transpose,
+    MatMul,
+    Scale(f64),
+    Softmax,
+    ReshapeLike,
+}
+
+struct Compiled {
+    step: Step,
+    inputs: Vec<usize>,
+    /// Values to drop once this node has run (their last reader).
+    frees: Vec<usize>,
+}
+
+/// A forward-only view of a graph whose variables live in a VarStore.
+pub struct GraphModule {
+    nodes: Vec<Compiled>,
+    outputs: Vec<usize>,
+}
+
+impl GraphModule {
+    /// Creates the graph's variables under `root`, in graph order (so a seed fixes the
+    /// initial weights), and compiles the forward pass. `graph` must be validated.
+    pub fn new(root: &nn::Path, graph: &Graph) -> Result<Self, TchError> {
+        let mut vars: HashMap<String, Tensor> = HashMap::new();
+        for spec in graph.params() {
+            let dims: Vec<i64> = spec.shape.iter().map(|&d| d as i64).collect();
+            let init = match spec.init {
+                ParamInit::Uniform { bound } => Init::Uniform {
+                    lo: -f64::from(bound),
+                    up: f64::from(bound),
+                },
+                ParamInit::Const(v) => Init::Const(f64::from(v)),
+            };
+            let value = nn::f_init(init, &dims, root.device(), Kind::Float)?;
+            let (path, leaf) = split_name(root, &spec.name);
+            let var = path.add(leaf, value, spec.trainable);
+            vars.insert(spec.name, var);
+        }
+        let index: HashMap<&str, usize> = graph
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i))
+            .collect();
+        let mut take = |node: &str, tensor: &str| {
+            vars.remove(&format!("{node}.{tensor}"))
+                .ok_or_else(|| TchError::FileFormat(format!("graph has no {node}.{tensor}")))
+        };
+        let mut nodes = Vec::with_capacity(graph.nodes.len());
+        for node in &graph.nodes {
+            let step = match &node.op {
+                Op::Input => Step::Input,
+                Op::Conv {
+                    kernel,
+                    stride,
+                    bias,
+                    ..
+                } => Step::Conv {
+                    weight: take(&node.name, "weight")?,
+                    bias: if *bias {
+                        Some(take(&node.name, "bias")?)
+                    } else {
+                        None
+                    },
+                    stride: i64::from(*stride),
+                    padding: i64::from(*kernel / 2),
+                },
+                Op::BatchNorm => Step::BatchNorm {
+                    weight: take(&node.name, "weight")?,
+                    bias: take(&node.name, "bias")?,
+                    mean: take(&node.name, "running_mean")?,
+                    var: take(&node.name, "running_var")?,
+                },
+                Op::Silu => Step::Silu,
+                Op::Relu => Step::Relu,
+                Op::Sigmoid => Step::Sigmoid,
+                Op::Add => Step::Add,
+                Op::Concat => Step::Concat,
+                Op::Upsample2x => Step::Upsample2x,
+                Op::MaxPool { kernel, stride } => Step::MaxPool {
+                    kernel: i64::from(*kernel),
+                    stride: i64::from(*stride),
+                },
+                Op::FlattenSpatial => Step::FlattenSpatial,
+                Op::Transpose => Step::Transpose,
+                Op::MatMul => Step::MatMul,
+                Op::Scale { factor } => Step::Scale(f64::from(*factor)),
+                Op::Softmax => Step::Softmax,
+                Op::ReshapeLike => Step::ReshapeLike,
+            };
+            let inputs = node
+                .inputs
+                .iter()
+                .map(|n| index.get(n.as_str()).copied())
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| TchError::FileFormat(format!("bad inputs of {}", node.name)))?;
+            nodes.push(Compiled {
+                step,
+                inputs,
+                frees: Vec::new(),
+            });
+        }
+        let outputs = graph
+            .outputs
+            .iter()
+            .map(|n| index.get(n.as_str()).copied())
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| TchError::FileFormat("graph outputs are not nodes".into()))?;
+        let mut last_use: Vec<Option<usize>> = vec![None; nodes.len()];
+        for (i, n) in nodes.iter().enumerate() {
+            for &j in &n.inputs {
+                last_use[j] = Some(i);
+            }
+        }
+        for (j, last) in last_use.into_iter().enumerate() {
+            if let Some(i) = last.filter(|_| !outputs.contains(&j)) {
+                nodes[i].frees.push(j);
+            }
+        }
+        Ok(Self { nodes, outputs })
+    }
+
+    /// Runs the graph on `xs` (`[N, C, H, W]`, sides multiples of 32); `train` selects batch
+    /// statistics (and running-stat updates) in BatchNorm. Returns the graph's outputs in order.
+    pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>, TchError> {
+        let mut vals: Vec<Option<Tensor>> = (0..self.nodes.len()).map(|_| None).collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let arg = |k: usize| -> Result<&Tensor, TchError> {
+                node.inputs
+                    .get(k)
+                    .and_then(|&j| vals[j].as_ref())
+                    .ok_or_else(|| TchError::Kind(format!("node {i} lacks input {k}")))
+            };
+            let out = match &node.step {
+                Step::Input => xs.shallow_clone(),
+                Step::Conv {
+                    weight,
+                    bias,
+                    stride,
+                    padding,
+                } => arg(0)?.f_conv2d(
+                    weight,
+                    bias.as_ref(),
+                    [*stride, *stride],
+                    [*padding, *padding],
+                    [1, 1],
+                    1,
+                )?,
+                Step::BatchNorm {
+                    weight,
+                    bias,
+                    mean,
+                    var,
+                } => arg(0)?.f_batch_norm(
+                    Some(weight),
+                    Some(bias),
+                    Some(mean),
+                    Some(var),
+                    train,
+                    BN_MOMENTUM,
+                    BN_EPS,
+                    true,
+                )?,
+                Step::Silu => arg(0)?.f_silu()?,
+                Step::Relu => arg(0)?.f_relu()?,
+                Step::Sigmoid => arg(0)?.f_sigmoid()?,
+                Step::Add => arg(0)?.f_add(arg(1)?)?,
+                Step::Concat => {
+                    let parts = (0..node.inputs.len())
+                        .map(arg)
+                        .collect::<Result<Vec<&Tensor>, _>>()?;
+                    Tensor::f_cat(&parts, 1)?
+                }
+                Step::Upsample2x => {
+                    let x = arg(0)?;
+                    let (_, _, h, w) = x.size4()?;
+                    x.f_upsample_nearest2d([h * 2, w * 2], 2.0, 2.0)?
+                }
+                Step::MaxPool { kernel, stride } => arg(0)?.f_max_pool2d(
+                    [*kernel, *kernel],
+                    [*stride, *stride],
+                    [kernel / 2, kernel / 2],
+                    [1, 1],
+                    false,
+                )?,
+                Step::FlattenSpatial => arg(0)?.f_flatten(2, 3)?,
+                Step::Transpose => arg(0)?.f_transpose(1, 2)?,
+                Step::MatMul => arg(0)?.f_matmul(arg(1)?)?,
+                Step::Scale(f) => arg(0)?.f_mul_scalar(*f)?,
+                Step::Softmax => arg(0)?.f_softmax(-1, None::<Kind>)?,
+                Step::ReshapeLike => arg(0)?.f_reshape(arg(1)?.size())?,
+            };
+            vals[i] = Some(out);
+            for &j in &node.frees {
+                vals[j] = None;
+            }
+        }
+        self.outputs
+            .iter()
+            .map(|&j| {
+                vals[j]
+                    .take()
+                    .ok_or_else(|| TchError::Kind(format!("output {j} was not computed")))
+            })
+            .collect()
+    }
+}
+
+/// `a.b.c.weight` to the path `a/b/c` under `root` and the leaf `weight`.
+fn split_name<'a, 'n>(root: &nn::Path<'a>, name: &'n str) -> (nn::Path<'a>, &'n str) {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    let leaf = parts.pop().unwrap_or(name);
+    let path = parts.into_iter().fold(root.clone(), |p, part| p.sub(part));
+    (path, leaf)
+}
