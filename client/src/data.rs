@@ -11,6 +11,7 @@ pub mod augment;
 pub mod clahe;
 pub mod coco;
 pub mod deeppcb;
+pub mod geometry;
 pub mod loader;
 pub mod planes;
 pub mod validate;

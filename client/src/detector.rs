@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod decode;
 pub mod loss;
 pub mod module;
+pub mod synthetic;
 pub mod targets;
 pub mod train;
 

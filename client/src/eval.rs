@@ -42,13 +42,24 @@ pub struct EvalReport {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EvalError {
     #[error("got detections for {detections} images but ground truth for {ground_truth}; pass one list per evaluated image, in the same order")]
-    LengthMismatch { detections: usize, ground_truth: usize },
+    LengthMismatch {
+        detections: usize,
+        ground_truth: usize,
+    },
     #[error("no class names given; pass the dataset's class names")]
     NoClasses,
     #[error("image {image}: detection class {class} is out of range for {classes} classes; check that the model was trained on this dataset's classes")]
-    DetectionClass { image: usize, class: u32, classes: usize },
+    DetectionClass {
+        image: usize,
+        class: u32,
+        classes: usize,
+    },
     #[error("image {image}: ground-truth class {class} is out of range for {classes} classes; validate the dataset first")]
-    GroundTruthClass { image: usize, class: u32, classes: usize },
+    GroundTruthClass {
+        image: usize,
+        class: u32,
+        classes: usize,
+    },
     #[error("image {image}: detection score {score} is not a finite number; check the detector's output")]
     Score { image: usize, score: f32 },
 }
@@ -85,7 +96,10 @@ pub fn evaluate(
 
 /// Orders detections keyed by item id like `dataset.items`; an item with no entry (e.g. one
 /// the loader skipped) gets no detections, so its defects count as missed.
-pub fn align_detections(dataset: &Dataset, by_id: impl IntoIterator<Item = (String, Vec<Detection>)>) -> Vec<Vec<Detection>> {
+pub fn align_detections(
+    dataset: &Dataset,
+    by_id: impl IntoIterator<Item = (String, Vec<Detection>)>,
+) -> Vec<Vec<Detection>> {
     let mut map: BTreeMap<String, Vec<Detection>> = by_id.into_iter().collect();
     dataset
         .items
@@ -94,7 +108,11 @@ pub fn align_detections(dataset: &Dataset, by_id: impl IntoIterator<Item = (Stri
         .collect()
 }
 
-fn check(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], classes: usize) -> Result<(), EvalError> {
+fn check(
+    detections: &[Vec<Detection>],
+    ground_truth: &[Vec<Annotation>],
+    classes: usize,
+) -> Result<(), EvalError> {
     if detections.len() != ground_truth.len() {
         return Err(EvalError::LengthMismatch {
             detections: detections.len(),
@@ -106,13 +124,24 @@ fn check(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], classe
     }
     for (image, (dets, gts)) in detections.iter().zip(ground_truth).enumerate() {
         if let Some(d) = dets.iter().find(|d| d.class as usize >= classes) {
-            return Err(EvalError::DetectionClass { image, class: d.class, classes });
+            return Err(EvalError::DetectionClass {
+                image,
+                class: d.class,
+                classes,
+            });
         }
         if let Some(d) = dets.iter().find(|d| !d.score.is_finite()) {
-            return Err(EvalError::Score { image, score: d.score });
+            return Err(EvalError::Score {
+                image,
+                score: d.score,
+            });
         }
         if let Some(a) = gts.iter().find(|a| a.class as usize >= classes) {
-            return Err(EvalError::GroundTruthClass { image, class: a.class, classes });
+            return Err(EvalError::GroundTruthClass {
+                image,
+                class: a.class,
+                classes,
+            });
         }
     }
     Ok(())

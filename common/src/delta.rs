@@ -75,6 +75,8 @@ mod format;
 #[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
+mod test_util;
+#[cfg(test)]
 mod tests;
 
 pub use codec::{roundtrip, Codec, DEFAULT_Q8_BLOCK, MAX_Q8_BLOCK};

@@ -34,7 +34,8 @@
 //! 2^53 q`, with `n_k < 2^29` so that the f32-by-integer products are exact. The workload is such
 //! a case (`delta = D * 2^-24` with small integers `D`, `n_k <= 6400`), and the streaming
 //! result matches its published checksums. Outside that case the streaming result is a
-//! preview within rounding of the canonical model: publish the canonical one.
+//! preview within rounding of the canonical model: publish the canonical one. Between rounds,
+//! [`StreamingFedAvg::reset`] reuses the accumulator's memory rather than paying for fresh pages.
 //!
 //! # Discarding a plant whose stream failed
 //!
@@ -49,13 +50,14 @@
 //! which streaming equals canonical; otherwise the streaming preview is off by rounding, and the
 //! published model, computed canonically without the failed plant, is unaffected. If the
 //! upload cannot be read back, the accumulator refuses further use ([`FedAvgError::Poisoned`])
-//! and the round is aggregated canonically. A whole delta given to [`StreamingFedAvg::add`] is
-//! validated before it is added.
+//! and the round is aggregated canonically. A whole delta given to [`StreamingFedAvg::add`] has
+//! its layout checked before any value is added; a NaN or infinity found part-way takes the
+//! plant out again, subtracting from that same delta.
 //!
 //! # Refusals
 //!
 //! Every refusal is its own [`FedAvgError`] variant naming the plant and tensor: no plants, a
-//! duplicate plant id, a total weight of zero (a single zero-weight plant is allowed and adds
+//! duplicate plant id, a total weight of zero (a plant of zero weight is allowed and adds
 //! nothing), a weight sum overflowing u64, a missing, extra or reshaped tensor, a non-finite
 //! value, and a float32 overflow of the average.
 
@@ -74,6 +76,8 @@ pub use source::{DeltaSource, PlantUpdate};
 pub use strategy::{FedAvg, Strategy};
 pub use stream::StreamingFedAvg;
 
+#[cfg(test)]
+mod prop_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

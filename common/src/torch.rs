@@ -51,8 +51,9 @@ impl ModelState {
                 .f_to_device(Device::Cpu)?
                 .f_to_kind(Kind::Float)?
                 .f_contiguous()?;
-            let mut data = vec![0f32; src.numel()];
-            src.f_copy_data(&mut data, data.len())?;
+            let numel = src.numel();
+            let mut data = vec![0f32; numel];
+            src.f_copy_data(&mut data, numel)?;
             state.insert(name, Tensor::new(shape, data)?)?;
         }
         Ok(state)

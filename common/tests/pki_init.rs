@@ -56,13 +56,20 @@ fn init_writes_the_documented_layout_with_private_keys_0600() {
 
     let coordinator = TlsMaterial::load(&layout.coordinator_files(), Role::Coordinator).unwrap();
     assert_eq!(coordinator.identity().id, "coordinator");
-    let info = tls::certificate_info(&tls::read_certificates(&layout.coordinator_cert()).unwrap()[0]).unwrap();
+    let info =
+        tls::certificate_info(&tls::read_certificates(&layout.coordinator_cert()).unwrap()[0])
+            .unwrap();
     assert_eq!(info.dns_names, ["localhost", "coord.plant.example"]);
     let ips: Vec<String> = info.ip_addresses.iter().map(|ip| ip.to_string()).collect();
     assert_eq!(ips, ["127.0.0.1", "::1", "10.0.0.5"]);
     let ca = tls::certificate_info(&tls::read_certificates(&layout.ca_cert()).unwrap()[0]).unwrap();
     assert!(ca.is_ca);
-    let years = ca.not_after.duration_since(ca.not_before).unwrap().as_secs() / (365 * 86_400);
+    let years = ca
+        .not_after
+        .duration_since(ca.not_before)
+        .unwrap()
+        .as_secs()
+        / (365 * 86_400);
     assert_eq!(years, 10);
 
     let admin = TlsMaterial::load(&layout.admin_files(), Role::Admin).unwrap();
@@ -91,9 +98,27 @@ fn init_takes_plant_and_admin_names() {
 fn init_refuses_bad_or_duplicate_names_before_writing() {
     let dir = tempfile::tempdir().unwrap();
     for (opts, expect_dup) in [
-        (InitOptions { plants: vec!["Lyon".into()], ..InitOptions::default() }, false),
-        (InitOptions { admin: "a b".into(), ..InitOptions::default() }, false),
-        (InitOptions { plants: vec!["x".into(), "x".into()], ..InitOptions::default() }, true),
+        (
+            InitOptions {
+                plants: vec!["Lyon".into()],
+                ..InitOptions::default()
+            },
+            false,
+        ),
+        (
+            InitOptions {
+                admin: "a b".into(),
+                ..InitOptions::default()
+            },
+            false,
+        ),
+        (
+            InitOptions {
+                plants: vec!["x".into(), "x".into()],
+                ..InitOptions::default()
+            },
+            true,
+        ),
     ] {
         let err = pki::init(dir.path(), &opts).unwrap_err();
         match err {
@@ -102,10 +127,17 @@ fn init_refuses_bad_or_duplicate_names_before_writing() {
             other => panic!("unexpected {other}"),
         }
     }
-    let opts = InitOptions { coordinator_names: vec!["bad name".into()], ..InitOptions::default() };
+    let opts = InitOptions {
+        coordinator_names: vec!["bad name".into()],
+        ..InitOptions::default()
+    };
     let err = pki::init(dir.path(), &opts).unwrap_err();
     assert!(matches!(err, PkiError::InvalidServerName(_)), "{err}");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "files written before refusing");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "files written before refusing"
+    );
 }
 
 #[test]
@@ -120,14 +152,26 @@ fn init_never_replaces_a_ca_without_force() {
     assert_eq!(std::fs::read(layout.ca_cert()).unwrap(), ca_before);
 
     // Another plant list still collides on the CA itself.
-    let other = InitOptions { plants: vec!["new".into()], ..opts.clone() };
-    assert!(matches!(pki::init(dir.path(), &other), Err(PkiError::AlreadyInitialised { .. })));
+    let other = InitOptions {
+        plants: vec!["new".into()],
+        ..opts.clone()
+    };
+    assert!(matches!(
+        pki::init(dir.path(), &other),
+        Err(PkiError::AlreadyInitialised { .. })
+    ));
 
     pki::enrol_plant(dir.path(), "late").unwrap();
-    let forced = InitOptions { force: true, ..opts };
+    let forced = InitOptions {
+        force: true,
+        ..opts
+    };
     pki::init(dir.path(), &forced).unwrap();
     assert_ne!(std::fs::read(layout.ca_cert()).unwrap(), ca_before);
-    assert!(!layout.plant_cert("late").exists(), "plant signed by the old CA left behind");
+    assert!(
+        !layout.plant_cert("late").exists(),
+        "plant signed by the old CA left behind"
+    );
     TlsMaterial::load(&layout.plant_files("plant-1"), Role::Plant).unwrap();
 }
 
@@ -139,7 +183,10 @@ fn enrol_issues_a_plant_the_existing_ca_vouches_for() {
     let files = pki::enrol_plant(dir.path(), "plant-7").unwrap();
     assert_eq!(files, layout.plant_files("plant-7"));
     let m = TlsMaterial::load(&files, Role::Plant).unwrap();
-    assert_eq!((m.identity().role, m.identity().id.as_str()), (Role::Plant, "plant-7"));
+    assert_eq!(
+        (m.identity().role, m.identity().id.as_str()),
+        (Role::Plant, "plant-7")
+    );
     assert_eq!(std::fs::read(layout.ca_cert()).unwrap(), ca_before);
     #[cfg(unix)]
     assert_eq!(mode(&files.key), 0o600);
@@ -147,7 +194,10 @@ fn enrol_issues_a_plant_the_existing_ca_vouches_for() {
     let err = pki::enrol_plant(dir.path(), "plant-7").unwrap_err();
     assert!(matches!(err, PkiError::PlantExists { .. }), "{err}");
     let err = pki::enrol_plant(dir.path(), "../evil").unwrap_err();
-    assert!(matches!(err, PkiError::Identity(TlsError::InvalidName { .. })), "{err}");
+    assert!(
+        matches!(err, PkiError::Identity(TlsError::InvalidName { .. })),
+        "{err}"
+    );
 }
 
 #[test]
@@ -164,7 +214,10 @@ fn enrol_needs_a_ca_it_can_trust() {
         let loose = std::fs::Permissions::from_mode(0o644);
         std::fs::set_permissions(layout.ca_key(), loose).unwrap();
         let err = pki::enrol_plant(dir.path(), "plant-1").unwrap_err();
-        assert!(matches!(err, PkiError::InsecureKey { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, PkiError::InsecureKey { mode: 0o644, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"), "{err}");
         std::fs::set_permissions(layout.ca_key(), std::fs::Permissions::from_mode(0o600)).unwrap();
     }

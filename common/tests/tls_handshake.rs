@@ -27,7 +27,10 @@ fn server(layout: &PkiLayout) -> Arc<ServerConfig> {
 }
 
 fn client(files: &TlsFiles, role: Role) -> Arc<ClientConfig> {
-    TlsMaterial::load(files, role).unwrap().client_config().unwrap()
+    TlsMaterial::load(files, role)
+        .unwrap()
+        .client_config()
+        .unwrap()
 }
 
 fn roots(ca_pem: &Path) -> Arc<RootCertStore> {
@@ -59,7 +62,10 @@ fn unchecked_client(files: &TlsFiles) -> Arc<ClientConfig> {
 /// Accepts one connection; on success reads the peer identity and echoes one byte.
 async fn serve_once(
     config: Arc<ServerConfig>,
-) -> (SocketAddr, tokio::task::JoinHandle<Result<PeerIdentity, String>>) {
+) -> (
+    SocketAddr,
+    tokio::task::JoinHandle<Result<PeerIdentity, String>>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -68,7 +74,8 @@ async fn serve_once(
             .accept(tcp)
             .await
             .map_err(|e| e.to_string())?;
-        let identity = identity_of_peer(tls.get_ref().1.peer_certificates()).map_err(|e| e.to_string())?;
+        let identity =
+            identity_of_peer(tls.get_ref().1.peer_certificates()).map_err(|e| e.to_string())?;
         let mut byte = [0u8; 1];
         tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
         tls.write_all(&byte).await.map_err(|e| e.to_string())?;
@@ -144,7 +151,10 @@ async fn client_certificate_from_another_ca_is_refused() {
     };
     let (served, client_result) = handshake(server(&ours), unchecked_client(&intruder)).await;
     let err = served.unwrap_err();
-    assert!(err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
+    assert!(
+        err.contains("invalid peer certificate: UnknownIssuer"),
+        "{err}"
+    );
     assert!(client_result.is_err());
 }
 
@@ -152,7 +162,8 @@ async fn client_certificate_from_another_ca_is_refused() {
 async fn expired_client_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ours = new_pki(dir.path());
-    let files = pki::issue_test_plant(ours.root(), "plant-old", Validity::expired(), dir.path()).unwrap();
+    let files =
+        pki::issue_test_plant(ours.root(), "plant-old", Validity::expired(), dir.path()).unwrap();
     let (served, client_result) = handshake(server(&ours), unchecked_client(&files)).await;
     let err = served.unwrap_err();
     assert!(err.to_lowercase().contains("expired"), "{err}");
@@ -171,7 +182,10 @@ async fn client_without_certificate_is_refused() {
         .with_no_client_auth();
     let (served, client_result) = handshake(server(&ours), Arc::new(anonymous)).await;
     let err = served.unwrap_err();
-    assert!(err.contains("no certificate") || err.contains("NoCertificates"), "{err}");
+    assert!(
+        err.contains("no certificate") || err.contains("NoCertificates"),
+        "{err}"
+    );
     assert!(client_result.is_err());
 }
 
@@ -183,6 +197,9 @@ async fn client_refuses_server_from_another_ca() {
     let plant = client(&ours.plant_files("plant-1"), Role::Plant);
     let (served, client_result) = handshake(server(&impostor), plant).await;
     let err = client_result.unwrap_err();
-    assert!(err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
+    assert!(
+        err.contains("invalid peer certificate: UnknownIssuer"),
+        "{err}"
+    );
     assert!(served.is_err());
 }

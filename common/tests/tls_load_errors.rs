@@ -19,7 +19,8 @@ fn load_err(files: &TlsFiles, role: Role) -> TlsError {
 fn issue_raw(layout: &PkiLayout, params: CertificateParams, out: &Path) -> TlsFiles {
     let ca_key = KeyPair::from_pem(&std::fs::read_to_string(layout.ca_key()).unwrap()).unwrap();
     let ca_params =
-        CertificateParams::from_ca_cert_pem(&std::fs::read_to_string(layout.ca_cert()).unwrap()).unwrap();
+        CertificateParams::from_ca_cert_pem(&std::fs::read_to_string(layout.ca_cert()).unwrap())
+            .unwrap();
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
@@ -43,7 +44,10 @@ fn accepts_each_role_and_hands_tonic_the_checked_pem() {
         (layout.plant_files("plant-2"), Role::Plant, "plant-2"),
     ] {
         let material = TlsMaterial::load(&files, role).unwrap();
-        assert_eq!((material.identity().role, material.identity().id.as_str()), (role, id));
+        assert_eq!(
+            (material.identity().role, material.identity().id.as_str()),
+            (role, id)
+        );
         material.server_config().unwrap();
         material.client_config().unwrap();
         let pem = material.tonic_pem();
@@ -64,12 +68,24 @@ fn missing_file_names_the_file() {
     let good = layout.plant_files("plant-1");
     let missing = dir.path().join("nope.pem");
     for files in [
-        TlsFiles { ca_cert: missing.clone(), ..good.clone() },
-        TlsFiles { cert: missing.clone(), ..good.clone() },
-        TlsFiles { key: missing.clone(), ..good.clone() },
+        TlsFiles {
+            ca_cert: missing.clone(),
+            ..good.clone()
+        },
+        TlsFiles {
+            cert: missing.clone(),
+            ..good.clone()
+        },
+        TlsFiles {
+            key: missing.clone(),
+            ..good.clone()
+        },
     ] {
         let err = load_err(&files, Role::Plant);
-        assert!(matches!(&err, TlsError::MissingFile { path, .. } if *path == missing), "{err}");
+        assert!(
+            matches!(&err, TlsError::MissingFile { path, .. } if *path == missing),
+            "{err}"
+        );
         assert!(err.to_string().contains("nope.pem"), "{err}");
     }
 }
@@ -78,7 +94,10 @@ fn missing_file_names_the_file() {
 fn unreadable_file_is_an_io_error() {
     let dir = tempfile::tempdir().unwrap();
     let layout = new_pki(dir.path());
-    let files = TlsFiles { cert: layout.plants_dir(), ..layout.plant_files("plant-1") };
+    let files = TlsFiles {
+        cert: layout.plants_dir(),
+        ..layout.plant_files("plant-1")
+    };
     let err = load_err(&files, Role::Plant);
     assert!(matches!(err, TlsError::Io { .. }), "{err}");
 }
@@ -88,7 +107,11 @@ fn unreadable_pem_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = new_pki(dir.path());
     let files = layout.plant_files("plant-1");
-    std::fs::write(&files.cert, "-----BEGIN CERTIFICATE-----\n!!! not base64 !!!\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &files.cert,
+        "-----BEGIN CERTIFICATE-----\n!!! not base64 !!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let err = load_err(&files, Role::Plant);
     assert!(matches!(err, TlsError::UnreadablePem { .. }), "{err}");
 }
@@ -97,19 +120,46 @@ fn unreadable_pem_is_refused() {
 fn file_without_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = new_pki(dir.path());
-    let files = TlsFiles { cert: layout.plant_key("plant-1"), ..layout.plant_files("plant-1") };
+    let files = TlsFiles {
+        cert: layout.plant_key("plant-1"),
+        ..layout.plant_files("plant-1")
+    };
     let err = load_err(&files, Role::Plant);
-    assert!(matches!(err, TlsError::NoCertificate { what: "certificate", .. }), "{err}");
-    let files = TlsFiles { ca_cert: layout.ca_key(), ..layout.plant_files("plant-1") };
+    assert!(
+        matches!(
+            err,
+            TlsError::NoCertificate {
+                what: "certificate",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let files = TlsFiles {
+        ca_cert: layout.ca_key(),
+        ..layout.plant_files("plant-1")
+    };
     let err = load_err(&files, Role::Plant);
-    assert!(matches!(err, TlsError::NoCertificate { what: "CA certificate", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TlsError::NoCertificate {
+                what: "CA certificate",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn file_without_private_key_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = new_pki(dir.path());
-    let files = TlsFiles { key: layout.plant_cert("plant-1"), ..layout.plant_files("plant-1") };
+    let files = TlsFiles {
+        key: layout.plant_cert("plant-1"),
+        ..layout.plant_files("plant-1")
+    };
     let err = load_err(&files, Role::Plant);
     assert!(matches!(err, TlsError::NoPrivateKey { .. }), "{err}");
 }
@@ -118,7 +168,10 @@ fn file_without_private_key_is_refused() {
 fn key_of_another_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = new_pki(dir.path());
-    let files = TlsFiles { key: layout.plant_key("plant-2"), ..layout.plant_files("plant-1") };
+    let files = TlsFiles {
+        key: layout.plant_key("plant-2"),
+        ..layout.plant_files("plant-1")
+    };
     let err = load_err(&files, Role::Plant);
     assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
 }
@@ -141,9 +194,18 @@ fn expired_certificate_is_refused_with_its_dates() {
 fn not_yet_valid_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = new_pki(dir.path());
-    let files = pki::issue_test_plant(layout.root(), "plant-9", Validity::not_yet_valid(), dir.path()).unwrap();
+    let files = pki::issue_test_plant(
+        layout.root(),
+        "plant-9",
+        Validity::not_yet_valid(),
+        dir.path(),
+    )
+    .unwrap();
     let err = load_err(&files, Role::Plant);
-    assert!(matches!(err, TlsError::CertificateNotYetValid { .. }), "{err}");
+    assert!(
+        matches!(err, TlsError::CertificateNotYetValid { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("clock"), "{err}");
 }
 
@@ -156,9 +218,15 @@ fn certificate_from_another_ca_is_refused_at_load() {
         (theirs.plant_files("plant-1"), Role::Plant),
         (theirs.coordinator_files(), Role::Coordinator),
     ] {
-        let files = TlsFiles { ca_cert: ours.ca_cert(), ..files };
+        let files = TlsFiles {
+            ca_cert: ours.ca_cert(),
+            ..files
+        };
         let err = load_err(&files, role);
-        assert!(matches!(err, TlsError::NotSignedByCa { .. }), "{role}: {err}");
+        assert!(
+            matches!(err, TlsError::NotSignedByCa { .. }),
+            "{role}: {err}"
+        );
     }
 }
 
@@ -166,7 +234,10 @@ fn certificate_from_another_ca_is_refused_at_load() {
 fn leaf_given_as_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = new_pki(dir.path());
-    let files = TlsFiles { ca_cert: layout.plant_cert("plant-2"), ..layout.plant_files("plant-1") };
+    let files = TlsFiles {
+        ca_cert: layout.plant_cert("plant-2"),
+        ..layout.plant_files("plant-1")
+    };
     let err = load_err(&files, Role::Plant);
     assert!(matches!(err, TlsError::InvalidCa { .. }), "{err}");
 }
@@ -179,7 +250,10 @@ fn certificate_without_identity_uri_is_refused() {
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let files = issue_raw(&layout, params, dir.path());
     let err = load_err(&files, Role::Plant);
-    assert!(matches!(err, TlsError::NotFedinspectIdentity { .. }), "{err}");
+    assert!(
+        matches!(err, TlsError::NotFedinspectIdentity { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -188,7 +262,14 @@ fn certificate_of_another_role_is_refused() {
     let layout = new_pki(dir.path());
     let err = load_err(&layout.admin_files(), Role::Plant);
     assert!(
-        matches!(err, TlsError::WrongRole { expected: Role::Plant, found: Role::Admin, .. }),
+        matches!(
+            err,
+            TlsError::WrongRole {
+                expected: Role::Plant,
+                found: Role::Admin,
+                ..
+            }
+        ),
         "{err}"
     );
     let err = load_err(&layout.plant_files("plant-1"), Role::Coordinator);
@@ -200,7 +281,9 @@ fn certificate_without_client_auth_usage_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = new_pki(dir.path());
     let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI("urn:fedinspect:plant:plant-7".try_into().unwrap())];
+    params.subject_alt_names = vec![SanType::URI(
+        "urn:fedinspect:plant:plant-7".try_into().unwrap(),
+    )];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let files = issue_raw(&layout, params, dir.path());
     let err = load_err(&files, Role::Plant);

@@ -61,8 +61,10 @@ pub fn apply(plane: &mut [u8], width: usize, height: usize, cfg: &Clahe) {
         let (j0, j1, b) = axis(y, ty, height);
         for (x, &(i0, i1, a)) in xs.iter().enumerate() {
             let v = plane[y * width + x] as usize;
-            let top = f32::from(luts[j0 * tx + i0][v]) * (1.0 - a) + f32::from(luts[j0 * tx + i1][v]) * a;
-            let bot = f32::from(luts[j1 * tx + i0][v]) * (1.0 - a) + f32::from(luts[j1 * tx + i1][v]) * a;
+            let top =
+                f32::from(luts[j0 * tx + i0][v]) * (1.0 - a) + f32::from(luts[j0 * tx + i1][v]) * a;
+            let bot =
+                f32::from(luts[j1 * tx + i0][v]) * (1.0 - a) + f32::from(luts[j1 * tx + i1][v]) * a;
             plane[y * width + x] = (top * (1.0 - b) + bot * b).round().clamp(0.0, 255.0) as u8;
         }
     }
@@ -80,7 +82,7 @@ fn tile_lut(hist: &mut [u32; 256], pixels: u32, clip_limit: f32) -> [u8; 256] {
     }
     let (each, rest) = (excess / 256, (excess % 256) as usize);
     // The remainder goes to evenly spaced bins so no grey level is favoured (as OpenCV does).
-    let step = if rest > 0 { 256 / rest } else { 0 };
+    let step = 256usize.checked_div(rest).unwrap_or(0);
     for (k, h) in hist.iter_mut().enumerate() {
         let extra = step > 0 && k % step == 0 && k / step < rest;
         *h += each + u32::from(extra);
@@ -107,12 +109,28 @@ mod tests {
     #[test]
     fn stretches_a_low_contrast_image() {
         let mut plane = ramp(32, 32);
-        apply(&mut plane, 32, 32, &Clahe { tiles: 2, clip_limit: 40.0 });
+        apply(
+            &mut plane,
+            32,
+            32,
+            &Clahe {
+                tiles: 2,
+                clip_limit: 40.0,
+            },
+        );
         let (lo, hi) = (plane.iter().min().unwrap(), plane.iter().max().unwrap());
         assert!(*hi - *lo > 150, "range {lo}..{hi} should widen");
         // With one tile it is plain histogram equalisation, which keeps the order of levels.
         let mut global = ramp(32, 32);
-        apply(&mut global, 32, 32, &Clahe { tiles: 1, clip_limit: 40.0 });
+        apply(
+            &mut global,
+            32,
+            32,
+            &Clahe {
+                tiles: 1,
+                clip_limit: 40.0,
+            },
+        );
         assert!(global[..32].windows(2).all(|p| p[0] <= p[1]));
         assert_eq!(global[31], 255);
     }
@@ -121,9 +139,25 @@ mod tests {
     fn clip_limit_caps_the_stretch() {
         let before = ramp(32, 32);
         let mut plane = before.clone();
-        apply(&mut plane, 32, 32, &Clahe { tiles: 2, clip_limit: 1.0 });
-        let worst = before.iter().zip(&plane).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-        assert!(worst <= 20, "clip 1.0 should stay close to the input, moved {worst}");
+        apply(
+            &mut plane,
+            32,
+            32,
+            &Clahe {
+                tiles: 2,
+                clip_limit: 1.0,
+            },
+        );
+        let worst = before
+            .iter()
+            .zip(&plane)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(
+            worst <= 20,
+            "clip 1.0 should stay close to the input, moved {worst}"
+        );
     }
 
     #[test]

@@ -39,7 +39,9 @@ pub enum CocoError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("annotation file {path} defines category id {id} twice; give every category its own id")]
+    #[error(
+        "annotation file {path} defines category id {id} twice; give every category its own id"
+    )]
     DuplicateCategory { path: PathBuf, id: i64 },
     #[error("annotation file {path} defines no categories; export it with its label set")]
     NoCategories { path: PathBuf },
@@ -107,86 +109,131 @@ pub fn load(json: &Path, options: &CocoOptions) -> Result<Loaded, CocoError> {
 
 fn convert(raw: RawCoco, json: &Path, root: &Path, group: &str) -> Result<Loaded, CocoError> {
     let classes = class_map(&raw.categories, json)?;
-    let mut items = Vec::new();
-    let mut declared_sizes = Vec::new();
-    let mut findings = Vec::new();
-    let mut by_image: HashMap<i64, usize> = HashMap::new();
-    for image in &raw.images {
-        let index = items.len();
-        if let Some(&first) = by_image.get(&image.id) {
-            let first = raw.images[first].file_name.clone();
-            findings.push(Finding {
-                item: Some(index),
-                id: image.file_name.clone(),
-                issue: Issue::DuplicateId { first },
-            });
-        } else {
-            by_image.insert(image.id, index);
-        }
-        items.push(Item {
-            id: image.file_name.clone(),
-            group: group.to_string(),
-            image: root.join(&image.file_name),
-            template: None,
-            annotations: Vec::new(),
-        });
-        declared_sizes.push(image.width.zip(image.height));
-    }
-    let mut seen_ids = HashSet::new();
-    let mut crowd = 0usize;
-    for a in &raw.annotations {
-        let Some(&index) = by_image.get(&a.image_id) else {
-            findings.push(Finding {
-                item: None,
-                id: json.display().to_string(),
-                issue: Issue::UnknownImage { image_id: a.image_id },
-            });
-            continue;
-        };
-        let mut flag = |issue| {
-            findings.push(Finding {
-                item: Some(index),
-                id: items[index].id.clone(),
-                issue,
-            })
-        };
-        if let Some(id) = a.id.filter(|id| !seen_ids.insert(*id)) {
-            flag(Issue::DuplicateAnnotationId { annotation: id });
-        }
-        let Some(&class) = classes.get(&a.category_id) else {
-            flag(Issue::UnknownCategory { category: a.category_id });
-            continue;
-        };
-        let bbox = match corners(a.bbox.as_deref()) {
-            Ok(bbox) => bbox,
-            Err(reason) => {
-                flag(Issue::BadBbox { annotation: a.id, reason });
-                continue;
-            }
-        };
-        if a.iscrowd.as_ref().is_some_and(is_truthy) {
-            crowd += 1;
-        }
-        items[index].annotations.push(Annotation { bbox, class });
-    }
+    let mut b = Builder::from_images(&raw.images, root, group);
+    let crowd = b.attach(&raw.annotations, &classes, json);
     let mut notes = Vec::new();
     if crowd > 0 {
         notes.push(format!(
             "{crowd} annotations are marked iscrowd; they are used as ordinary boxes (no ignore regions)"
         ));
     }
-    let mut class_names: Vec<(i64, String)> = raw.categories.into_iter().map(|c| (c.id, c.name)).collect();
+    let mut class_names: Vec<(i64, String)> =
+        raw.categories.into_iter().map(|c| (c.id, c.name)).collect();
     class_names.sort_by_key(|(id, _)| *id);
-    findings.sort_by_key(|f| f.item.unwrap_or(usize::MAX));
+    b.findings.sort_by_key(|f| f.item.unwrap_or(usize::MAX));
     Ok(Loaded {
         dataset: Dataset {
             class_names: class_names.into_iter().map(|(_, name)| name).collect(),
-            items,
+            items: b.items,
         },
-        findings,
+        findings: b.findings,
         notes,
-        declared_sizes,
+        declared_sizes: b.declared_sizes,
     })
+}
+
+/// Items under construction, and the image id -> item index map annotations are attached by.
+struct Builder {
+    items: Vec<Item>,
+    declared_sizes: Vec<Option<(u32, u32)>>,
+    findings: Vec<Finding>,
+    by_image: HashMap<i64, usize>,
+}
+
+impl Builder {
+    /// One item per image entry; a repeated image id is flagged and gets no annotations.
+    fn from_images(images: &[RawImage], root: &Path, group: &str) -> Self {
+        let mut b = Builder {
+            items: Vec::with_capacity(images.len()),
+            declared_sizes: Vec::with_capacity(images.len()),
+            findings: Vec::new(),
+            by_image: HashMap::new(),
+        };
+        for image in images {
+            let index = b.items.len();
+            if let Some(&first) = b.by_image.get(&image.id) {
+                let first = images[first].file_name.clone();
+                b.flag(index, &image.file_name, Issue::DuplicateId { first });
+            } else {
+                b.by_image.insert(image.id, index);
+            }
+            b.items.push(Item {
+                id: image.file_name.clone(),
+                group: group.to_string(),
+                image: root.join(&image.file_name),
+                template: None,
+                annotations: Vec::new(),
+            });
+            b.declared_sizes.push(image.width.zip(image.height));
+        }
+        b
+    }
+
+    /// Attaches the usable annotations to their items, flagging the rest; returns how many
+    /// were crowd boxes.
+    fn attach(
+        &mut self,
+        annotations: &[RawAnnotation],
+        classes: &BTreeMap<i64, u32>,
+        json: &Path,
+    ) -> usize {
+        let mut seen_ids = HashSet::new();
+        let mut crowd = 0;
+        for a in annotations {
+            let Some(&index) = self.by_image.get(&a.image_id) else {
+                self.findings.push(Finding {
+                    item: None,
+                    id: json.display().to_string(),
+                    issue: Issue::UnknownImage {
+                        image_id: a.image_id,
+                    },
+                });
+                continue;
+            };
+            let id = self.items[index].id.clone();
+            if let Some(dup) = a.id.filter(|id| !seen_ids.insert(*id)) {
+                self.flag(index, &id, Issue::DuplicateAnnotationId { annotation: dup });
+            }
+            let Some(&class) = classes.get(&a.category_id) else {
+                self.flag(
+                    index,
+                    &id,
+                    Issue::UnknownCategory {
+                        category: a.category_id,
+                    },
+                );
+                continue;
+            };
+            match corners(a.bbox.as_deref()) {
+                Ok(bbox) => self.items[index]
+                    .annotations
+                    .push(Annotation { bbox, class }),
+                Err(reason) => {
+                    self.flag(
+                        index,
+                        &id,
+                        Issue::BadBbox {
+                            annotation: a.id,
+                            reason,
+                        },
+                    );
+                    continue;
+                }
+            }
+            if a.iscrowd.as_ref().is_some_and(is_truthy) {
+                crowd += 1;
+            }
+        }
+        crowd
+    }
+
+    fn flag(&mut self, index: usize, id: &str, issue: Issue) {
+        self.findings.push(Finding {
+            item: Some(index),
+            id: id.to_string(),
+            issue,
+        });
+    }
 }
 
 /// Category id -> contiguous class index, in ascending id order.
@@ -211,11 +258,17 @@ fn class_map(categories: &[RawCategory], json: &Path) -> Result<BTreeMap<i64, u3
 fn corners(bbox: Option<&[f64]>) -> Result<BBox, String> {
     match bbox {
         None => Err("no bbox".into()),
-        Some(&[x, y, w, h]) if [x, y, w, h].iter().all(|v| v.is_finite()) => {
-            Ok(BBox::new(x as f32, y as f32, (x + w) as f32, (y + h) as f32))
-        }
+        Some(&[x, y, w, h]) if [x, y, w, h].iter().all(|v| v.is_finite()) => Ok(BBox::new(
+            x as f32,
+            y as f32,
+            (x + w) as f32,
+            (y + h) as f32,
+        )),
         Some(&[_, _, _, _]) => Err("bbox has a non-finite number".into()),
-        Some(other) => Err(format!("bbox has {} numbers, expected [x, y, width, height]", other.len())),
+        Some(other) => Err(format!(
+            "bbox has {} numbers, expected [x, y, width, height]",
+            other.len()
+        )),
     }
 }
 
@@ -257,7 +310,10 @@ mod tests {
     #[test]
     fn duplicate_category_is_fatal() {
         let err = parse(r#"{"images":[],"categories":[{"id":1,"name":"a"},{"id":1,"name":"b"}]}"#);
-        assert!(matches!(err, Err(CocoError::DuplicateCategory { id: 1, .. })));
+        assert!(matches!(
+            err,
+            Err(CocoError::DuplicateCategory { id: 1, .. })
+        ));
     }
 
     #[test]
@@ -270,11 +326,21 @@ mod tests {
                                {"id":3,"image_id":9,"category_id":1,"bbox":[0,0,1,1]}]}"#,
         )
         .unwrap();
-        let issues: Vec<_> = loaded.findings.iter().map(|f| (f.item, f.issue.clone())).collect();
+        let issues: Vec<_> = loaded
+            .findings
+            .iter()
+            .map(|f| (f.item, f.issue.clone()))
+            .collect();
         assert_eq!(issues.len(), 4, "{issues:?}");
         assert!(matches!(issues[0], (Some(0), Issue::BadBbox { .. })));
-        assert!(matches!(issues[1], (Some(0), Issue::DuplicateAnnotationId { annotation: 1 })));
+        assert!(matches!(
+            issues[1],
+            (Some(0), Issue::DuplicateAnnotationId { annotation: 1 })
+        ));
         assert!(matches!(issues[2], (Some(1), Issue::DuplicateId { .. })));
-        assert!(matches!(issues[3], (None, Issue::UnknownImage { image_id: 9 })));
+        assert!(matches!(
+            issues[3],
+            (None, Issue::UnknownImage { image_id: 9 })
+        ));
     }
 }

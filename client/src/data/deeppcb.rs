@@ -12,7 +12,14 @@ use super::validate::{Finding, Issue, Loaded};
 use super::{Dataset, Item};
 
 /// DeepPCB defect types 1..=6, as class indices 0..=5.
-pub const CLASS_NAMES: [&str; 6] = ["open", "short", "mousebite", "spur", "spurious_copper", "pin_hole"];
+pub const CLASS_NAMES: [&str; 6] = [
+    "open",
+    "short",
+    "mousebite",
+    "spur",
+    "spurious_copper",
+    "pin_hole",
+];
 
 /// The official split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +69,11 @@ pub fn load(root: &Path, split: Split, options: &DeepPcbOptions) -> Result<Loade
 
 /// Loads the pairs listed in `split_file` (same format as the official ones), with paths
 /// relative to `root`.
-pub fn load_split_file(root: &Path, split_file: &Path, options: &DeepPcbOptions) -> Result<Loaded, DeepPcbError> {
+pub fn load_split_file(
+    root: &Path,
+    split_file: &Path,
+    options: &DeepPcbOptions,
+) -> Result<Loaded, DeepPcbError> {
     let text = fs::read_to_string(split_file).map_err(|source| DeepPcbError::SplitFile {
         path: split_file.to_path_buf(),
         source,
@@ -120,7 +131,12 @@ fn parse_split_line(line: &str) -> Option<(&str, &str)> {
     ok.then_some((image, annotation))
 }
 
-fn read_item(root: &Path, image: &str, annotation: &str, options: &DeepPcbOptions) -> (Item, Vec<Issue>) {
+fn read_item(
+    root: &Path,
+    image: &str,
+    annotation: &str,
+    options: &DeepPcbOptions,
+) -> (Item, Vec<Issue>) {
     let stem = image.rsplit_once('.').map_or(image, |(stem, _)| stem);
     let group = stem.split('/').next().unwrap_or(stem).to_string();
     let ann_path = root.join(annotation);
@@ -129,7 +145,9 @@ fn read_item(root: &Path, image: &str, annotation: &str, options: &DeepPcbOption
         id: stem.to_string(),
         group,
         image: root.join(format!("{stem}_test.jpg")),
-        template: options.template.then(|| root.join(format!("{stem}_temp.jpg"))),
+        template: options
+            .template
+            .then(|| root.join(format!("{stem}_temp.jpg"))),
         annotations,
     };
     (item, issues)
@@ -164,7 +182,11 @@ pub fn parse_annotations(text: &str, path: &Path) -> (Vec<Annotation>, Vec<Issue
         if fields.is_empty() {
             continue;
         }
-        let coords: Vec<f32> = fields.iter().take(4).filter_map(|s| s.parse().ok()).collect();
+        let coords: Vec<f32> = fields
+            .iter()
+            .take(4)
+            .filter_map(|s| s.parse().ok())
+            .collect();
         let kind = fields.get(4).and_then(|s| s.parse::<i64>().ok());
         match (fields.len(), coords.as_slice(), kind) {
             (5, &[x1, y1, x2, y2], Some(kind)) => match kind {
@@ -196,13 +218,19 @@ mod tests {
         assert_eq!(anns[1].class, 5);
         assert_eq!(anns[1].bbox, BBox::new(10.0, 20.0, 30.0, 40.0));
         assert_eq!(issues[0], Issue::UnknownCategory { category: 7 });
-        assert!(matches!(issues[1], Issue::UnparseableAnnotation { line: 5, .. }));
+        assert!(matches!(
+            issues[1],
+            Issue::UnparseableAnnotation { line: 5, .. }
+        ));
     }
 
     #[test]
     fn split_line_shape() {
         let line = "group1/1/00000001.jpg group1/1_not/00000001.txt";
-        assert_eq!(parse_split_line(line), Some(("group1/1/00000001.jpg", "group1/1_not/00000001.txt")));
+        assert_eq!(
+            parse_split_line(line),
+            Some(("group1/1/00000001.jpg", "group1/1_not/00000001.txt"))
+        );
         assert_eq!(parse_split_line("only-one-field.jpg"), None);
         assert_eq!(parse_split_line("a.jpg b.txt c"), None);
     }

@@ -74,7 +74,7 @@ struct Shared {
 
 #[derive(Clone, Copy)]
 enum Mode {
-    Train { epoch: u64 },
+    Train { seed: u64, epoch: u64 },
     Eval,
 }
 
@@ -90,7 +90,12 @@ impl Default for LoaderOptions {
 }
 
 impl Loader {
-    pub fn new(dataset: Dataset, pre: Preprocess, augment: Augment, options: LoaderOptions) -> Result<Self, LoaderError> {
+    pub fn new(
+        dataset: Dataset,
+        pre: Preprocess,
+        augment: Augment,
+        options: LoaderOptions,
+    ) -> Result<Self, LoaderError> {
         augment.check(&pre)?;
         if options.batch_size == 0 || options.prefetch == 0 {
             return Err(LoaderError::Zero);
@@ -129,7 +134,13 @@ impl Loader {
     /// flipped, rotated and jittered; only full batches. The same seed and epoch give
     /// bit-identical batches.
     pub fn train_epoch(&self, epoch: u64) -> Batches {
-        self.spawn(Mode::Train { epoch })
+        self.train_epoch_with_seed(self.shared.options.seed, epoch)
+    }
+
+    /// [`Loader::train_epoch`] with a seed chosen by the caller instead of
+    /// [`LoaderOptions::seed`] (for a trainer that owns the seed).
+    pub fn train_epoch_with_seed(&self, seed: u64, epoch: u64) -> Batches {
+        self.spawn(Mode::Train { seed, epoch })
     }
 
     /// Whole images, letterboxed, no augmentation, in dataset order; the last batch may be
@@ -140,14 +151,20 @@ impl Loader {
 
     /// Items that failed to decode so far, each listed once.
     pub fn skipped(&self) -> Vec<Skipped> {
-        self.shared.skipped.lock().map(|s| s.clone()).unwrap_or_default()
+        self.shared
+            .skipped
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     fn spawn(&self, mode: Mode) -> Batches {
         let (tx, rx) = mpsc::sync_channel(self.shared.options.prefetch);
         let shared = Arc::clone(&self.shared);
         let span = match mode {
-            Mode::Train { epoch } => tracing::info_span!("data_loader", mode = "train", epoch),
+            Mode::Train { seed, epoch } => {
+                tracing::info_span!("data_loader", mode = "train", seed, epoch)
+            }
             Mode::Eval => tracing::info_span!("data_loader", mode = "eval"),
         };
         let handle = std::thread::Builder::new()
@@ -169,8 +186,8 @@ impl Shared {
         let n = self.dataset.len();
         let bs = self.options.batch_size;
         let mut order: Vec<usize> = (0..n).collect();
-        if let Mode::Train { epoch } = mode {
-            order.shuffle(&mut augment::sample_rng(self.options.seed, epoch, u64::MAX));
+        if let Mode::Train { seed, epoch } = mode {
+            order.shuffle(&mut augment::sample_rng(seed, epoch, u64::MAX));
         }
         let mut builder = BatchBuilder::new(bs, self.channels(), self.side(mode));
         for (position, &index) in order.iter().enumerate() {
@@ -189,8 +206,8 @@ impl Shared {
                 .collect();
             match mode {
                 Mode::Eval => builder.push(planes, None, anns, *lb, &item.id),
-                Mode::Train { epoch } => {
-                    let mut rng = augment::sample_rng(self.options.seed, epoch, position as u64);
+                Mode::Train { seed, epoch } => {
+                    let mut rng = augment::sample_rng(seed, epoch, position as u64);
                     let draw = self.augment.draw(planes.width, &mut rng);
                     let crop = self.augment.crop_size as usize;
                     let (p, a) = augment::apply_geometry(planes, &anns, crop, &draw);
@@ -220,7 +237,11 @@ impl Shared {
 
     /// The letterboxed image, from the cache or decoded now; `None` (logged once) if it fails.
     fn prepared(&self, index: usize) -> Option<Arc<(Planes, Letterbox)>> {
-        let load = || planes::prepare_item(&self.dataset.items[index], &self.pre).map(Arc::new).map_err(|e| e.to_string());
+        let load = || {
+            planes::prepare_item(&self.dataset.items[index], &self.pre)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        };
         let result = if self.options.cache {
             self.cache[index].get_or_init(load).clone()
         } else {
@@ -300,7 +321,10 @@ impl BatchBuilder {
     }
 
     fn take(&mut self) -> Batch {
-        std::mem::replace(&mut self.batch, Self::empty(self.capacity, self.channels, self.side))
+        std::mem::replace(
+            &mut self.batch,
+            Self::empty(self.capacity, self.channels, self.side),
+        )
     }
 }
 

@@ -100,9 +100,12 @@ pub fn decode_item(item: &Item, channels: Channels) -> Result<Planes, ImageError
         Channels::Gray => image.into_luma8().into_raw(),
         Channels::Rgb => rgb_planar(image),
         Channels::GrayTemplate => {
-            let path = item.template.as_ref().ok_or_else(|| ImageError::NoTemplate {
-                id: item.id.clone(),
-            })?;
+            let path = item
+                .template
+                .as_ref()
+                .ok_or_else(|| ImageError::NoTemplate {
+                    id: item.id.clone(),
+                })?;
             let template = decode_file(path)?;
             if (template.width(), template.height()) != (w, h) {
                 return Err(ImageError::SizeMismatch {

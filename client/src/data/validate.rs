@@ -44,29 +44,76 @@ pub struct Finding {
 /// Every kind of problem, each saying what to do in its `Display`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Issue {
-    MissingImage { path: PathBuf },
-    MissingTemplate { path: PathBuf },
+    MissingImage {
+        path: PathBuf,
+    },
+    MissingTemplate {
+        path: PathBuf,
+    },
     /// The model reads image + template but the item has no template.
     NoTemplate,
-    UnreadableImage { path: PathBuf, reason: String },
-    TemplateSizeMismatch { image: (u32, u32), template: (u32, u32) },
-    DeclaredSizeMismatch { declared: (u32, u32), actual: (u32, u32) },
-    BoxOutsideImage { index: usize, bbox: BBox, width: u32, height: u32 },
-    DegenerateBox { index: usize, bbox: BBox },
-    UnknownCategory { category: i64 },
-    ClassOutOfRange { class: u32, classes: usize },
-    MissingAnnotationFile { path: PathBuf },
-    EmptyAnnotationFile { path: PathBuf },
-    UnparseableAnnotation { path: PathBuf, line: usize, text: String },
+    UnreadableImage {
+        path: PathBuf,
+        reason: String,
+    },
+    TemplateSizeMismatch {
+        image: (u32, u32),
+        template: (u32, u32),
+    },
+    DeclaredSizeMismatch {
+        declared: (u32, u32),
+        actual: (u32, u32),
+    },
+    BoxOutsideImage {
+        index: usize,
+        bbox: BBox,
+        width: u32,
+        height: u32,
+    },
+    DegenerateBox {
+        index: usize,
+        bbox: BBox,
+    },
+    UnknownCategory {
+        category: i64,
+    },
+    ClassOutOfRange {
+        class: u32,
+        classes: usize,
+    },
+    MissingAnnotationFile {
+        path: PathBuf,
+    },
+    EmptyAnnotationFile {
+        path: PathBuf,
+    },
+    UnparseableAnnotation {
+        path: PathBuf,
+        line: usize,
+        text: String,
+    },
     /// A split-file line that names no image pair.
-    BadSplitLine { path: PathBuf, line: usize, text: String },
+    BadSplitLine {
+        path: PathBuf,
+        line: usize,
+        text: String,
+    },
     /// The same item id (or COCO image id) appears again; the first occurrence is kept.
-    DuplicateId { first: String },
-    DuplicateAnnotationId { annotation: i64 },
+    DuplicateId {
+        first: String,
+    },
+    DuplicateAnnotationId {
+        annotation: i64,
+    },
     /// A COCO annotation points at an image id the file does not list; it is dropped.
-    UnknownImage { image_id: i64 },
+    UnknownImage {
+        image_id: i64,
+    },
     /// A COCO annotation without a usable `bbox`.
-    BadBbox { annotation: Option<i64>, reason: String },
+    BadBbox {
+        annotation: Option<i64>,
+        reason: String,
+    },
 }
 
 /// What to do with offending items.

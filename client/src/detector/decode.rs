@@ -93,8 +93,9 @@ pub fn decode(
 
 fn to_vec<T: tch::kind::Element + Default + Clone>(t: &Tensor) -> Result<Vec<T>, DetectorError> {
     let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
-    let mut v = vec![T::default(); t.numel()];
-    t.f_copy_data(&mut v, v.len())?;
+    let numel = t.numel();
+    let mut v = vec![T::default(); numel];
+    t.f_copy_data(&mut v, numel)?;
     Ok(v)
 }
 

@@ -256,3 +256,72 @@ fn split_name<'a, 'n>(root: &nn::Path<'a>, name: &'n str) -> (nn::Path<'a>, &'n 
     let path = parts.into_iter().fold(root.clone(), |p, part| p.sub(part));
     (path, leaf)
 }
+
+#[cfg(test)]
+mod tests {
+    use fedinspect_common::arch::{ArchConfig, ConvInit, Node};
+    use tch::{Device, IndexOp};
+
+    use super::*;
+
+    fn node(name: &str, op: Op, inputs: &[&str], channels: u32) -> Node {
+        Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            channels,
+        }
+    }
+
+    #[test]
+    fn default_graph_produces_stride_4_heads() {
+        tch::set_num_threads(1);
+        let cfg = ArchConfig {
+            width: 0.25,
+            ..ArchConfig::default()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = GraphModule::new(&vs.root(), &cfg.graph().unwrap()).unwrap();
+        let x = Tensor::rand([2, 2, 64, 96], (Kind::Float, Device::Cpu));
+        let out = tch::no_grad(|| m.forward(&x, false)).unwrap();
+        assert_eq!(out[0].size(), [2, 6, 16, 24]);
+        assert_eq!(out[1].size(), [2, 4, 16, 24]);
+        let bias = vs.root().sub("head").sub("heatmap").get("bias").unwrap();
+        assert!(bias.allclose(&Tensor::full([6], -2.19, (Kind::Float, Device::Cpu)), 0.0, 1e-6, false));
+    }
+
+    #[test]
+    fn interprets_the_ops_the_default_graph_does_not_use() {
+        // relu(maxpool(x)) ++ sigmoid(x), with x a known 1-channel image.
+        let conv = Op::Conv {
+            kernel: 1,
+            stride: 1,
+            bias: false,
+            init: ConvInit::Default,
+        };
+        let graph = Graph {
+            in_channels: 1,
+            nodes: vec![
+                node("input", Op::Input, &[], 1),
+                node("pool", Op::MaxPool { kernel: 3, stride: 2 }, &["input"], 1),
+                node("relu", Op::Relu, &["pool"], 1),
+                node("up", Op::Upsample2x, &["relu"], 1),
+                node("sig", Op::Sigmoid, &["input"], 1),
+                node("cat", Op::Concat, &["up", "sig"], 2),
+                node("mix", conv, &["cat"], 1),
+            ],
+            outputs: vec!["cat".into(), "mix".into()],
+        };
+        graph.validate().unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = GraphModule::new(&vs.root(), &graph).unwrap();
+        let x = Tensor::from_slice(&[-1f32, -2.0, -3.0, 4.0]).view([1, 1, 2, 2]);
+        let out = m.forward(&x, false).unwrap();
+        assert_eq!(out[0].size(), [1, 2, 2, 2]);
+        let up = out[0].i((0, 0));
+        assert!(up.allclose(&Tensor::full([2, 2], 4.0, (Kind::Float, Device::Cpu)), 0.0, 0.0, false));
+        let sig = out[0].i((0, 1));
+        assert!(sig.allclose(&x.sigmoid().view([2, 2]), 0.0, 1e-7, false));
+        assert_eq!(out[1].size(), [1, 1, 2, 2]);
+    }
+}

@@ -447,7 +447,7 @@ impl<'c> Run<'c> {
             let mut grad = w.f_grad()?;
             if grad.defined() {
                 let pull = w.f_sub(reference)?.f_mul_scalar(p.mu)?;
-                grad.f_add_(&pull)?;
+                let _ = grad.f_add_(&pull)?;
             }
         }
         Ok(())

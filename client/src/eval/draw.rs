@@ -34,7 +34,15 @@ pub fn fill_rect(img: &mut RgbImage, x0: i64, y0: i64, x1: i64, y1: i64, color: 
 }
 
 /// The outline of `x0..x1, y0..y1`, `thickness` pixels wide, growing inwards.
-pub fn rect_outline(img: &mut RgbImage, x0: i64, y0: i64, x1: i64, y1: i64, thickness: i64, color: Rgb<u8>) {
+pub fn rect_outline(
+    img: &mut RgbImage,
+    x0: i64,
+    y0: i64,
+    x1: i64,
+    y1: i64,
+    thickness: i64,
+    color: Rgb<u8>,
+) {
     let t = thickness.max(1);
     fill_rect(img, x0, y0, x1, y0 + t, color);
     fill_rect(img, x0, y1 - t, x1, y1, color);
@@ -43,13 +51,26 @@ pub fn rect_outline(img: &mut RgbImage, x0: i64, y0: i64, x1: i64, y1: i64, thic
 }
 
 /// A line from `(x0, y0)` to `(x1, y1)` drawn with a `width x width` pen (Bresenham).
-pub fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), width: i64, color: Rgb<u8>) {
+pub fn line(
+    img: &mut RgbImage,
+    (x0, y0): (i64, i64),
+    (x1, y1): (i64, i64),
+    width: i64,
+    color: Rgb<u8>,
+) {
     let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
     let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
     let (mut x, mut y, mut err) = (x0, y0, dx + dy);
     let half = (width.max(1) - 1) / 2;
     loop {
-        fill_rect(img, x - half, y - half, x - half + width.max(1), y - half + width.max(1), color);
+        fill_rect(
+            img,
+            x - half,
+            y - half,
+            x - half + width.max(1),
+            y - half + width.max(1),
+            color,
+        );
         if x == x1 && y == y1 {
             break;
         }

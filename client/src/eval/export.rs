@@ -41,7 +41,10 @@ pub enum ExportError {
     #[error("got {ids} image ids but detections for {detections} images; pass one list per image")]
     LengthMismatch { ids: usize, detections: usize },
     #[error("cannot write {path}: {source}; check the folder exists and is writable")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot serialise detections: {0}")]
     Json(#[from] serde_json::Error),
     #[error(transparent)]
@@ -51,7 +54,11 @@ pub enum ExportError {
 }
 
 /// Pairs image ids with their detections; unknown classes are named `class<N>`.
-pub fn detections_file(ids: &[String], detections: &[Vec<Detection>], class_names: &[String]) -> Result<DetectionsFile, ExportError> {
+pub fn detections_file(
+    ids: &[String],
+    detections: &[Vec<Detection>],
+    class_names: &[String],
+) -> Result<DetectionsFile, ExportError> {
     if ids.len() != detections.len() {
         return Err(ExportError::LengthMismatch {
             ids: ids.len(),
@@ -88,7 +95,13 @@ pub fn write_detections_json(path: &Path, file: &DetectionsFile) -> Result<(), E
 
 /// Draws ground truth (green, thin, name above the box) and the detections scoring at least
 /// `min_score` (class colour, thicker, `name score` label) onto a copy of `image`.
-pub fn annotate(image: &RgbImage, ground_truth: &[Annotation], detections: &[Detection], class_names: &[String], min_score: f32) -> RgbImage {
+pub fn annotate(
+    image: &RgbImage,
+    ground_truth: &[Annotation],
+    detections: &[Detection],
+    class_names: &[String],
+    min_score: f32,
+) -> RgbImage {
     let mut img = image.clone();
     // Text and lines scale with the image so labels stay legible on large captures.
     let scale = (img.width().max(img.height()) / 640).max(1);
@@ -98,30 +111,68 @@ pub fn annotate(image: &RgbImage, ground_truth: &[Annotation], detections: &[Det
     }
     for d in detections.iter().filter(|d| d.score >= min_score) {
         let label = format!("{} {:.2}", class_name(class_names, d.class), d.score);
-        draw_box(&mut img, &d.bbox, draw::class_color(d.class), 2 * scale, &label, true);
+        draw_box(
+            &mut img,
+            &d.bbox,
+            draw::class_color(d.class),
+            2 * scale,
+            &label,
+            true,
+        );
     }
     img
 }
 
 /// Reads `image` (any format the loader reads), annotates it, and writes a PNG to `out`.
-pub fn save_annotated(image: &Path, ground_truth: &[Annotation], detections: &[Detection], class_names: &[String], min_score: f32, out: &Path) -> Result<(), ExportError> {
+pub fn save_annotated(
+    image: &Path,
+    ground_truth: &[Annotation],
+    detections: &[Detection],
+    class_names: &[String],
+    min_score: f32,
+    out: &Path,
+) -> Result<(), ExportError> {
     let rgb = crate::data::planes::decode_file(image)?.into_rgb8();
-    let png = plot::encode_png(&annotate(&rgb, ground_truth, detections, class_names, min_score))?;
+    let png = plot::encode_png(&annotate(
+        &rgb,
+        ground_truth,
+        detections,
+        class_names,
+        min_score,
+    ))?;
     write(out, &png)
 }
 
-/// A rectangle with a label on a filled strip: above the box for ground truth, below its top
-/// edge inside for detections, so the two never cover each other.
-fn draw_box(img: &mut RgbImage, b: &BBox, color: Rgb<u8>, thickness: u32, label: &str, inside: bool) {
+/// A rectangle with a label on a filled strip: above the box for ground truth, below it for
+/// detections, so labels cover neither each other nor the defect.
+fn draw_box(
+    img: &mut RgbImage,
+    b: &BBox,
+    color: Rgb<u8>,
+    thickness: u32,
+    label: &str,
+    below: bool,
+) {
     let px = |v: f32| v.round() as i64;
     let (x0, y0, x1, y1) = (px(b.x1), px(b.y1), px(b.x2), px(b.y2));
     draw::rect_outline(img, x0, y0, x1, y1, i64::from(thickness), color);
     let scale = (thickness / 2).max(1);
     let lh = i64::from((font::GLYPH_H + 2) * scale);
     let lw = i64::from(font::text_width(label, scale) + 2 * scale);
-    let ly = if inside { y1.min(y0 + i64::from(thickness)) } else { (y0 - lh).max(0) };
+    let ly = if below {
+        y1.min(i64::from(img.height()) - lh)
+    } else {
+        (y0 - lh).max(0)
+    };
     draw::fill_rect(img, x0, ly, x0 + lw, ly + lh, color);
-    draw::text(img, x0 + i64::from(scale), ly + i64::from(scale), label, scale, Rgb([255, 255, 255]));
+    draw::text(
+        img,
+        x0 + i64::from(scale),
+        ly + i64::from(scale),
+        label,
+        scale,
+        Rgb([255, 255, 255]),
+    );
 }
 
 fn class_name(class_names: &[String], class: u32) -> String {
@@ -132,8 +183,10 @@ fn class_name(class_names: &[String], class: u32) -> String {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
-    fedinspect_common::fsutil::write_bytes_atomic(path, bytes).map_err(|source| ExportError::Write {
-        path: path.to_path_buf(),
-        source,
+    fedinspect_common::fsutil::write_bytes_atomic(path, bytes).map_err(|source| {
+        ExportError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }

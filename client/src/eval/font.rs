@@ -105,7 +105,10 @@ mod tests {
         let all: Vec<Glyph> = ('0'..='9').chain('A'..='Z').map(glyph).collect();
         assert!(all.iter().flatten().all(|row| row & !0x1F == 0));
         for (i, a) in all.iter().enumerate() {
-            assert!(all[i + 1..].iter().all(|b| a != b), "glyph {i} is duplicated");
+            assert!(
+                all[i + 1..].iter().all(|b| a != b),
+                "glyph {i} is duplicated"
+            );
         }
         assert_eq!(glyph('a'), glyph('A'));
         assert_eq!(glyph('~'), QUESTION);

@@ -70,7 +70,12 @@ pub fn match_class(
     dets.sort_by(|a, b| b.0.total_cmp(&a.0));
     let gts: Vec<Vec<&BBox>> = ground_truth
         .iter()
-        .map(|g| g.iter().filter(|a| a.class == class).map(|a| &a.bbox).collect())
+        .map(|g| {
+            g.iter()
+                .filter(|a| a.class == class)
+                .map(|a| &a.bbox)
+                .collect()
+        })
         .collect();
     let positives = gts.iter().map(Vec::len).sum();
     let mut used: Vec<Vec<bool>> = gts.iter().map(|g| vec![false; g.len()]).collect();
@@ -100,8 +105,19 @@ pub fn match_class(
 }
 
 /// The precision/recall curve and AP of one class.
-pub fn class_curve(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], class: u32, iou_threshold: f64) -> PrCurve {
-    let (matched, positives) = match_class(detections, ground_truth, class, iou_threshold, f64::NEG_INFINITY);
+pub fn class_curve(
+    detections: &[Vec<Detection>],
+    ground_truth: &[Vec<Annotation>],
+    class: u32,
+    iou_threshold: f64,
+) -> PrCurve {
+    let (matched, positives) = match_class(
+        detections,
+        ground_truth,
+        class,
+        iou_threshold,
+        f64::NEG_INFINITY,
+    );
     let (mut tp, mut fp) = (0usize, 0usize);
     let mut curve = PrCurve {
         class,
@@ -120,7 +136,9 @@ pub fn class_curve(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation
         }
         curve.scores.push(score);
         curve.recall.push(tp as f64 / positives.max(1) as f64);
-        curve.precision.push(tp as f64 / ((tp + fp) as f64).max(1e-9));
+        curve
+            .precision
+            .push(tp as f64 / ((tp + fp) as f64).max(1e-9));
     }
     curve.ap = average_precision(&curve.recall, &curve.precision);
     curve
@@ -129,8 +147,14 @@ pub fn class_curve(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation
 /// VOC all-point interpolated AP: the area under the precision envelope (precision made
 /// non-increasing from the right), sentinels `(0, 0)` before and `(1, 0)` after.
 pub fn average_precision(recall: &[f64], precision: &[f64]) -> f64 {
-    let mrec: Vec<f64> = std::iter::once(0.0).chain(recall.iter().copied()).chain([1.0]).collect();
-    let mut mpre: Vec<f64> = std::iter::once(0.0).chain(precision.iter().copied()).chain([0.0]).collect();
+    let mrec: Vec<f64> = std::iter::once(0.0)
+        .chain(recall.iter().copied())
+        .chain([1.0])
+        .collect();
+    let mut mpre: Vec<f64> = std::iter::once(0.0)
+        .chain(precision.iter().copied())
+        .chain([0.0])
+        .collect();
     for k in (0..mpre.len() - 1).rev() {
         mpre[k] = mpre[k].max(mpre[k + 1]);
     }
@@ -141,14 +165,24 @@ pub fn average_precision(recall: &[f64], precision: &[f64]) -> f64 {
 }
 
 /// Per-class curves for classes `0..num_classes`.
-pub fn curves(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], num_classes: usize, iou_threshold: f64) -> Vec<PrCurve> {
+pub fn curves(
+    detections: &[Vec<Detection>],
+    ground_truth: &[Vec<Annotation>],
+    num_classes: usize,
+    iou_threshold: f64,
+) -> Vec<PrCurve> {
     (0..num_classes as u32)
         .map(|c| class_curve(detections, ground_truth, c, iou_threshold))
         .collect()
 }
 
 /// Mean AP over `num_classes` classes and the per-class APs.
-pub fn mean_ap(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], num_classes: usize, iou_threshold: f64) -> (f64, Vec<f64>) {
+pub fn mean_ap(
+    detections: &[Vec<Detection>],
+    ground_truth: &[Vec<Annotation>],
+    num_classes: usize,
+    iou_threshold: f64,
+) -> (f64, Vec<f64>) {
     let aps: Vec<f64> = curves(detections, ground_truth, num_classes, iou_threshold)
         .into_iter()
         .map(|c| c.ap)
@@ -158,7 +192,11 @@ pub fn mean_ap(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], 
 
 /// COCO-style mAP@[.5:.95]: the mean of [`mean_ap`] over [`COCO_THRESHOLDS`] (with this
 /// module's VOC interpolation and strict IoU, not pycocotools' 101-point one).
-pub fn map_50_95(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], num_classes: usize) -> f64 {
+pub fn map_50_95(
+    detections: &[Vec<Detection>],
+    ground_truth: &[Vec<Annotation>],
+    num_classes: usize,
+) -> f64 {
     let maps: Vec<f64> = COCO_THRESHOLDS
         .iter()
         .map(|&t| mean_ap(detections, ground_truth, num_classes, t).0)
@@ -168,10 +206,17 @@ pub fn map_50_95(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>]
 
 /// True/false positives among detections scoring at least `min_score`, matched per class at
 /// IoU strictly above `iou_threshold` (the DeepPCB F-score protocol uses 0.33).
-pub fn counts(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], num_classes: usize, iou_threshold: f64, min_score: f64) -> Counts {
+pub fn counts(
+    detections: &[Vec<Detection>],
+    ground_truth: &[Vec<Annotation>],
+    num_classes: usize,
+    iou_threshold: f64,
+    min_score: f64,
+) -> Counts {
     let mut total = Counts::default();
     for c in 0..num_classes as u32 {
-        let (matched, positives) = match_class(detections, ground_truth, c, iou_threshold, min_score);
+        let (matched, positives) =
+            match_class(detections, ground_truth, c, iou_threshold, min_score);
         let tp = matched.iter().filter(|(_, hit)| *hit).count();
         total.true_positives += tp;
         total.false_positives += matched.len() - tp;
@@ -183,7 +228,10 @@ pub fn counts(detections: &[Vec<Detection>], ground_truth: &[Vec<Annotation>], n
 impl Counts {
     /// TP / (TP + FP); 0 when there are no detections.
     pub fn precision(&self) -> f64 {
-        ratio(self.true_positives, self.true_positives + self.false_positives)
+        ratio(
+            self.true_positives,
+            self.true_positives + self.false_positives,
+        )
     }
 
     /// TP / ground truth; 0 when there is no ground truth.

@@ -33,7 +33,13 @@ pub enum PlotError {
 
 /// Draws `curves` (one per class, named by `class_names[curve.class]`) into a
 /// `width x height` image.
-pub fn pr_plot(curves: &[PrCurve], class_names: &[String], title: &str, width: u32, height: u32) -> Result<RgbImage, PlotError> {
+pub fn pr_plot(
+    curves: &[PrCurve],
+    class_names: &[String],
+    title: &str,
+    width: u32,
+    height: u32,
+) -> Result<RgbImage, PlotError> {
     if width < MIN_WIDTH || height < MIN_HEIGHT {
         return Err(PlotError::TooSmall { width, height });
     }
@@ -41,11 +47,18 @@ pub fn pr_plot(curves: &[PrCurve], class_names: &[String], title: &str, width: u
     let labels: Vec<String> = curves
         .iter()
         .map(|c| {
-            let name = class_names.get(c.class as usize).map_or("?", String::as_str);
+            let name = class_names
+                .get(c.class as usize)
+                .map_or("?", String::as_str);
             format!("{name} {:.3}", c.ap)
         })
         .collect();
-    let legend_w = labels.iter().map(|l| font::text_width(l, 1)).max().unwrap_or(0) + 24;
+    let legend_w = labels
+        .iter()
+        .map(|l| font::text_width(l, 1))
+        .max()
+        .unwrap_or(0)
+        + 24;
     let legend_w = legend_w.min(width / 2);
     let (w, h) = (i64::from(width), i64::from(height));
     // Plot area in pixels: left, top, right, bottom.
@@ -69,25 +82,52 @@ pub fn pr_plot(curves: &[PrCurve], class_names: &[String], title: &str, width: u
             draw::line(&mut img, pair[0], pair[1], 2, color);
         }
         if let [only] = points.as_slice() {
-            draw::fill_rect(&mut img, only.0 - 2, only.1 - 2, only.0 + 3, only.1 + 3, color);
+            draw::fill_rect(
+                &mut img,
+                only.0 - 2,
+                only.1 - 2,
+                only.0 + 3,
+                only.1 + 3,
+                color,
+            );
         }
     }
     for (i, (curve, label)) in curves.iter().zip(&labels).enumerate() {
         let y = t + 4 + i as i64 * 12;
         let x = r + 10;
-        draw::fill_rect(&mut img, x, y + 1, x + 10, y + 6, draw::class_color(curve.class));
+        draw::fill_rect(
+            &mut img,
+            x,
+            y + 1,
+            x + 10,
+            y + 6,
+            draw::class_color(curve.class),
+        );
         draw::text(&mut img, x + 14, y, label, 1, BLACK);
     }
     Ok(img)
 }
 
 /// [`pr_plot`] encoded as PNG bytes.
-pub fn pr_plot_png(curves: &[PrCurve], class_names: &[String], title: &str, width: u32, height: u32) -> Result<Vec<u8>, PlotError> {
+pub fn pr_plot_png(
+    curves: &[PrCurve],
+    class_names: &[String],
+    title: &str,
+    width: u32,
+    height: u32,
+) -> Result<Vec<u8>, PlotError> {
     encode_png(&pr_plot(curves, class_names, title, width, height)?)
 }
 
 /// [`pr_plot`] written atomically to `path` as PNG.
-pub fn save_pr_plot(path: &Path, curves: &[PrCurve], class_names: &[String], title: &str, width: u32, height: u32) -> Result<(), PlotError> {
+pub fn save_pr_plot(
+    path: &Path,
+    curves: &[PrCurve],
+    class_names: &[String],
+    title: &str,
+    width: u32,
+    height: u32,
+) -> Result<(), PlotError> {
     let png = pr_plot_png(curves, class_names, title, width, height)?;
     fedinspect_common::fsutil::write_bytes_atomic(path, &png).map_err(|source| PlotError::Write {
         path: path.to_path_buf(),

@@ -128,11 +128,14 @@ fn graph_validation_finds_broken_graphs() {
     let mut g = ArchConfig::default().graph().unwrap();
     let add = g.nodes.iter().position(|n| n.op == Op::Add).unwrap();
     g.nodes[add].inputs[0] = INPUT.into();
-    let last = g.nodes.len() - 1;
-    g.nodes[last].channels = 7;
+    assert!(problems(&g).contains("adds Map { c: 2, stride: 1 }"));
+
+    let mut g = ArchConfig::default().graph().unwrap();
+    g.nodes[2].channels = 7;
+    g.outputs.push("nowhere".into());
     let text = problems(&g);
-    assert!(text.contains("adds"), "{text}");
-    assert!(text.contains("'head.box' declares 7 channels but computes 4"), "{text}");
+    assert!(text.contains("'backbone.stem.bn' declares 7 channels but computes 16"), "{text}");
+    assert!(text.contains("output 'nowhere' is not a node"), "{text}");
 }
 
 #[test]

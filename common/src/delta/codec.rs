@@ -208,6 +208,18 @@ pub(super) fn decode_chunk(codec: Codec, src: &[u8], dst: &mut [f32]) -> Result<
 pub fn roundtrip(codec: Codec, delta: &ModelState) -> Result<ModelState, DeltaError> {
     let codec = codec.validate()?;
     Layout::of(delta).check_limits()?;
+    if codec == Codec::F32 {
+        // Exact: only the encoder's refusal of non-finite values is left to reproduce.
+        for (name, t) in delta.iter() {
+            if let Some(index) = first_non_finite(t.data()) {
+                return Err(DeltaError::NonFinite {
+                    name: name.to_string(),
+                    index,
+                });
+            }
+        }
+        return Ok(delta.clone());
+    }
     let chunk = codec.chunk_values();
     let mut bytes = vec![0u8; codec.chunk_len(chunk)];
     let mut out = delta.clone();
@@ -282,7 +294,7 @@ fn encode_q8(src: &[f32], dst: &mut [u8], block: usize) -> Result<(), Fault> {
 
 /// `codes[i] = round(src[i] / scale · 127)` as i8 bytes, with `scale = max |src|`.
 fn quantize(src: &[f32], scale: f32, codes: &mut [u8]) {
-    let code = |x: f32| (x.max(-127.0).min(127.0) + ROUND_MAGIC).to_bits() as u8;
+    let code = |x: f32| (x.clamp(-127.0, 127.0) + ROUND_MAGIC).to_bits() as u8;
     let inv = 127.0 / scale;
     if scale == 0.0 {
         codes.fill(0);

@@ -35,8 +35,9 @@ pub trait DeltaSink {
 /// size included) is refused before a value is read.
 ///
 /// Every check is made: header fields, limits, layout against `base`, values (finite, valid
-/// q8 scales and codes), length, and the checksum last. On `Err` the sink has seen data that
-/// must be discarded (see [`DeltaSink`]). Memory use is about 600 KiB whatever the model size.
+/// q8 scales and codes), length, and the checksum last; then `reader` is read to its end,
+/// which must come right after the checksum. On `Err` the sink has seen data that must be
+/// discarded (see [`DeltaSink`]). Memory use is about 600 KiB whatever the model size.
 pub fn decode<R: Read, S: DeltaSink + ?Sized>(
     reader: R,
     base: &Layout,

@@ -4,7 +4,7 @@
 use std::io::{self, Read};
 
 use super::codec::Codec;
-use super::tests::{decode_vec, encode_vec, model, reseal, ALL_CODECS};
+use super::test_util::{decode_vec, encode_vec, model, reseal, ALL_CODECS};
 use super::*;
 
 /// Two tensors; with q8 block 2, tensor `a` is two blocks: [1.0, -0.5] and [0.25].

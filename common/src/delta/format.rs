@@ -57,8 +57,8 @@ impl Layout {
     }
 
     /// Total number of values.
-    pub fn num_params(&self) -> u64 {
-        self.tensors.iter().map(|t| t.numel as u64).sum()
+    pub fn num_params(&self) -> usize {
+        self.tensors.iter().map(|t| t.numel).sum()
     }
 
     /// (name, shape) in canonical order.
@@ -87,7 +87,7 @@ impl Layout {
                 MAX_RANK as u64,
             )?;
         }
-        check_limit("values", self.num_params(), MAX_TOTAL_VALUES)
+        check_limit("values", self.num_params() as u64, MAX_TOTAL_VALUES)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 
-use super::tests::{
+use super::test_util::{
     assert_q8_within_bound, bits, decode_vec, encode_vec, f16_within_bound, model, Trickle,
 };
 use super::*;

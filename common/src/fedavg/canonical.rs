@@ -31,11 +31,12 @@ pub fn aggregate_canonical(
     updates: &[PlantUpdate<'_>],
 ) -> Result<ModelState, FedAvgError> {
     let plan = Plan::new(base, updates)?;
-    let mut acc = vec![0f64; TILE.min(plan.layout.total())];
+    let tile = TILE.min(plan.layout.total());
+    let (mut acc, mut out_buf) = (vec![0f64; tile], vec![0f32; tile]);
     let mut scratch: Vec<Vec<f32>> = Vec::new();
     let mut outs = Vec::with_capacity(plan.layout.entries().len());
     for e in plan.layout.entries() {
-        outs.push(plan.average_tensor(base, e, &mut acc, &mut scratch)?);
+        outs.push(plan.average_tensor(base, e, &mut acc, &mut out_buf, &mut scratch)?);
     }
     Ok(plan.layout.assemble(outs))
 }
@@ -53,18 +54,19 @@ impl<'u, 'a> Plan<'u, 'a> {
             return Err(FedAvgError::NoPlants);
         }
         let mut sorted: Vec<&PlantUpdate<'a>> = updates.iter().collect();
-        //sorted.sort_by(|a, b| a.plant.cmp(&b.plant));
+        sorted.sort_by(|a, b| a.plant.cmp(&b.plant));
         if let Some(w) = sorted.windows(2).find(|w| w[0].plant == w[1].plant) {
             return Err(FedAvgError::DuplicatePlant(w[0].plant.clone()));
         }
         let mut total = 0u64;
         for u in &sorted {
-            total = total
-                .checked_add(u.num_samples)
-                .ok_or_else(|| FedAvgError::WeightOverflow {
-                    plant: u.plant.clone(),
-                    num_samples: u.num_samples,
-                })?;
+            total =
+                total
+                    .checked_add(u.num_samples)
+                    .ok_or_else(|| FedAvgError::WeightOverflow {
+                        plant: u.plant.clone(),
+                        num_samples: u.num_samples,
+                    })?;
         }
         if total == 0 {
             return Err(FedAvgError::ZeroTotalWeight);
@@ -88,6 +90,7 @@ impl<'u, 'a> Plan<'u, 'a> {
         base: &ModelState,
         e: &Entry,
         acc: &mut [f64],
+        out_buf: &mut [f32],
         scratch: &mut Vec<Vec<f32>>,
     ) -> Result<Vec<f32>, FedAvgError> {
         let base_data = base
@@ -99,7 +102,8 @@ impl<'u, 'a> Plan<'u, 'a> {
             .iter()
             .map(|u| u.delta.as_slice(&e.name).filter(|s| s.len() == e.numel))
             .collect();
-        let mut out = vec![0f32; e.numel];
+        // Built by appending finished tiles: no zeroing pass over the output.
+        let mut out = Vec::with_capacity(e.numel);
         let mut start = 0;
         while start < e.numel {
             let end = (start + TILE).min(e.numel);
@@ -123,11 +127,12 @@ impl<'u, 'a> Plan<'u, 'a> {
                     .collect();
                 kernels::accumulate(tile, &terms);
             }
-            let out_tile = &mut out[start..end];
+            let out_tile = &mut out_buf[..end - start];
             kernels::average(out_tile, &base_data[start..end], tile, self.total as f64);
             if let Some(i) = kernels::first_non_finite(out_tile) {
                 return Err(self.blame(base_data, e, start + i));
             }
+            out.extend_from_slice(out_tile);
             start = end;
         }
         Ok(out)

@@ -3,7 +3,9 @@
 /// Why an aggregation was refused. Plant and tensor are named wherever one is to blame.
 #[derive(Debug, thiserror::Error)]
 pub enum FedAvgError {
-    #[error("no plant updates to aggregate; close the round only after at least one plant reported")]
+    #[error(
+        "no plant updates to aggregate; close the round only after at least one plant reported"
+    )]
     NoPlants,
     #[error("every plant reported 0 samples, so the weights sum to zero; skip the round or wait for a plant that trained on data")]
     ZeroTotalWeight,

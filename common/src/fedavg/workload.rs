@@ -174,11 +174,13 @@ impl DeltaSource for GeneratedDelta {
     }
 
     fn read(&self, name: &str, offset: usize, out: &mut [f32]) -> io::Result<()> {
-        let (_, shape, flat) = self
-            .tensors
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no tensor '{name}'")))?;
+        let (_, shape, flat) =
+            self.tensors
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("no tensor '{name}'"))
+                })?;
         if offset + out.len() > shape.iter().product::<usize>() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -19,8 +19,9 @@ fn run(size: ModelSize, clients: u32, rounds: u32, path: Path) -> Vec<String> {
     for r in 1..=rounds {
         g = match path {
             Path::Canonical => {
-                let deltas: Vec<ModelState> =
-                    (0..clients).map(|k| workload::client_delta(size, k, r)).collect();
+                let deltas: Vec<ModelState> = (0..clients)
+                    .map(|k| workload::client_delta(size, k, r))
+                    .collect();
                 let ups: Vec<PlantUpdate> = deltas
                     .iter()
                     .enumerate()
@@ -92,12 +93,36 @@ fn workload_generator_matches_the_spec() {
 /// Pinned with a pure-Python reference written from WORKLOAD.md (no numpy), which also
 /// reproduces the published `4x1M` round-1 checksum.
 const TINY_PINNED: [(u32, u32, &str); 6] = [
-    (4, 1, "106a2cd8cc57f6a58854efe8ec9dd6ec2a00fb0020f5c4e6bc3091d72c71ecc5"),
-    (4, 5, "83c338b318b4ee18168207111abc8a453b4a6c50b759d81e147cf8803b26bd3b"),
-    (1, 5, "48075a4c8d28de75c4ed6e09c02c3ef2cf10963ead0d41d552e2d4be56072675"),
-    (3, 5, "e9095fc8b3540d169b3576db02f4a4de6f6978c7d38f9297e218a5731263d499"),
-    (16, 5, "c6edc72020267f968526e125a492f9a6206ca58edb998810dd1388663c955ee2"),
-    (64, 5, "09d47b54d17ffafbe15509b049644f2103af8bcfc433a1d1971862256e37731a"),
+    (
+        4,
+        1,
+        "106a2cd8cc57f6a58854efe8ec9dd6ec2a00fb0020f5c4e6bc3091d72c71ecc5",
+    ),
+    (
+        4,
+        5,
+        "83c338b318b4ee18168207111abc8a453b4a6c50b759d81e147cf8803b26bd3b",
+    ),
+    (
+        1,
+        5,
+        "48075a4c8d28de75c4ed6e09c02c3ef2cf10963ead0d41d552e2d4be56072675",
+    ),
+    (
+        3,
+        5,
+        "e9095fc8b3540d169b3576db02f4a4de6f6978c7d38f9297e218a5731263d499",
+    ),
+    (
+        16,
+        5,
+        "c6edc72020267f968526e125a492f9a6206ca58edb998810dd1388663c955ee2",
+    ),
+    (
+        64,
+        5,
+        "09d47b54d17ffafbe15509b049644f2103af8bcfc433a1d1971862256e37731a",
+    ),
 ];
 
 #[test]
@@ -105,7 +130,11 @@ fn workload_tiny_matches_pinned_reference() {
     for (clients, round, want) in TINY_PINNED {
         for path in [Path::Canonical, Path::CanonicalGenerated, Path::Streaming] {
             let got = run(ModelSize::Tiny, clients, round, path);
-            assert_eq!(got[round as usize - 1], want, "K={clients} round {round} {path:?}");
+            assert_eq!(
+                got[round as usize - 1],
+                want,
+                "K={clients} round {round} {path:?}"
+            );
         }
     }
 }
@@ -134,7 +163,10 @@ fn workload_4x1m_matches_published_checksums() {
     for path in [Path::Canonical, Path::Streaming] {
         assert_eq!(run(ModelSize::M1, 4, 5, path), want, "{path:?}");
     }
-    assert_eq!(run(ModelSize::M1, 4, 1, Path::CanonicalGenerated), want[..1]);
+    assert_eq!(
+        run(ModelSize::M1, 4, 1, Path::CanonicalGenerated),
+        want[..1]
+    );
 }
 
 #[test]

@@ -81,10 +81,7 @@ impl FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| TlsError::NotFedinspectIdentity {
-                subject: String::new(),
-                reason: format!("unknown role '{s}' (expected plant, admin or coordinator)"),
-            })
+            .ok_or_else(|| TlsError::UnknownRole(s.chars().take(40).collect()))
     }
 }
 
@@ -157,10 +154,7 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity, TlsError> {
     let (role, name) = rest
         .split_once(':')
         .ok_or_else(|| not_ours(format!("{uri} lacks the <role>:<name> part")))?;
-    let role: Role = role.parse().map_err(|e| match e {
-        TlsError::NotFedinspectIdentity { reason, .. } => not_ours(format!("{uri}: {reason}")),
-        other => other,
-    })?;
+    let role: Role = role.parse().map_err(|e| not_ours(format!("{uri}: {e}")))?;
     validate_name(role, name)?;
     Ok(PeerIdentity {
         role,

@@ -93,6 +93,8 @@ pub enum TlsError {
     NotFedinspectIdentity { subject: String, reason: String },
     #[error("'{name}' is not a valid {role} name: use 1 to 63 characters from a-z, 0-9, '-', '_' and '.', starting with a letter or digit")]
     InvalidName { role: Role, name: String },
+    #[error("unknown role '{0}'; expected plant, admin or coordinator")]
+    UnknownRole(String),
     #[error("{found} '{id}' is not allowed here, a {expected} certificate is required; configure the certificate issued for this {expected}")]
     WrongRole {
         expected: Role,

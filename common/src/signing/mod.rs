@@ -6,9 +6,7 @@
 //! - public key: the raw 32-byte Ed25519 key as 64 lowercase hex digits and a newline, short
 //!   enough to paste into a config file or compare by eye.
 //!
-//! A [`SignedManifest`] signs the canonical JSON form of a value ([`canonical_json`]: object keys
-//! sorted, no whitespace), prefixed with a domain tag so a manifest signature can never be
-//! replayed as a signature over anything else.
+//! [`SignedManifest`] signs canonical JSON with these keys.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -18,18 +16,17 @@ use ring::rand::SystemRandom;
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::fsutil;
+
+mod manifest;
+
+pub use manifest::{canonical_json, SignedManifest};
 
 /// Length of an Ed25519 public key in bytes.
 pub const PUBLIC_KEY_LEN: usize = 32;
 /// Length of an Ed25519 signature in bytes.
 pub const SIGNATURE_LEN: usize = 64;
-/// Signed before the canonical JSON of every manifest (domain separation).
-const MANIFEST_DOMAIN: &[u8] = b"fedinspect-manifest-v1\0";
 
 /// Everything that can go wrong with keys, signatures and signed manifests.
 #[derive(Debug, thiserror::Error)]
@@ -80,16 +77,6 @@ pub struct VerifyingKey([u8; PUBLIC_KEY_LEN]);
 /// A detached Ed25519 signature.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Signature([u8; SIGNATURE_LEN]);
-
-/// A JSON manifest with the signature over its canonical form and the id of the signing key.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SignedManifest {
-    pub manifest: Value,
-    /// [`VerifyingKey::key_id`] of the signer, so a wrong key is told apart from a bad signature.
-    pub key_id: String,
-    /// Hex of the 64-byte signature over the domain tag and [`canonical_json`] of `manifest`.
-    pub signature: String,
-}
 
 impl SigningKey {
     /// Generates a fresh key pair from the system random source.
@@ -142,7 +129,7 @@ impl SigningKey {
 
     /// Writes the key as PKCS#8 PEM, atomically, with mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), SigningError> {
-        let pem = pkcs8_pem(&self.pkcs8);
+        let pem = pkcs8_pem(&self.pkcs8)?;
         fsutil::write_atomic_with_mode(path, Some(0o600), |w| w.write_all(pem.as_bytes())).map_err(
             |source| SigningError::Io {
                 what: "Ed25519 private key",
@@ -255,89 +242,6 @@ impl fmt::Debug for Signature {
     }
 }
 
-impl SignedManifest {
-    /// Signs the canonical JSON form of `manifest`.
-    pub fn sign<T: Serialize>(manifest: &T, key: &SigningKey) -> Result<Self, SigningError> {
-        let manifest =
-            serde_json::to_value(manifest).map_err(|e| SigningError::Json(e.to_string()))?;
-        let signature = key.sign(&manifest_message(&manifest)).to_hex();
-        Ok(Self {
-            manifest,
-            key_id: key.verifying_key().key_id(),
-            signature,
-        })
-    }
-
-    /// Checks the signature with `key` and returns the manifest.
-    pub fn verify(&self, key: &VerifyingKey) -> Result<&Value, SigningError> {
-        let expected = key.key_id();
-        if self.key_id != expected {
-            return Err(SigningError::WrongKey {
-                expected,
-                found: self.key_id.clone(),
-            });
-        }
-        let sig = Signature::from_hex(&self.signature)?;
-        key.verify(&manifest_message(&self.manifest), &sig)?;
-        Ok(&self.manifest)
-    }
-
-    /// Checks the signature with `key` and decodes the manifest into `T`.
-    pub fn verify_into<T: DeserializeOwned>(&self, key: &VerifyingKey) -> Result<T, SigningError> {
-        let value = self.verify(key)?;
-        T::deserialize(value).map_err(|e| SigningError::Json(e.to_string()))
-    }
-}
-
-/// The canonical JSON bytes of `value`: object keys in byte order, no whitespace, numbers and
-/// strings as serde_json writes them. Independent of serde_json's `preserve_order` feature.
-pub fn canonical_json(value: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    write_canonical(value, &mut out);
-    out
-}
-
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(b']');
-        }
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_scalar(&Value::String(k.clone()), out);
-                out.push(b':');
-                write_canonical(v, out);
-            }
-            out.push(b'}');
-        }
-        scalar => write_scalar(scalar, out),
-    }
-}
-
-fn write_scalar(value: &Value, out: &mut Vec<u8>) {
-    // Writing a scalar into a Vec cannot fail.
-    serde_json::to_writer(out, value).expect("serialising a JSON scalar into memory");
-}
-
-fn manifest_message(manifest: &Value) -> Vec<u8> {
-    let mut msg = MANIFEST_DOMAIN.to_vec();
-    msg.extend_from_slice(&canonical_json(manifest));
-    msg
-}
-
 fn decode_fixed<const N: usize>(text: &str, what: &'static str) -> Result<[u8; N], SigningError> {
     let bad = |reason: String| SigningError::BadEncoding {
         what,
@@ -351,12 +255,16 @@ fn decode_fixed<const N: usize>(text: &str, what: &'static str) -> Result<[u8; N
         .map_err(|_| bad(format!("{len} bytes, expected {N}")))
 }
 
-fn pkcs8_pem(der: &[u8]) -> String {
+fn pkcs8_pem(der: &[u8]) -> Result<String, SigningError> {
     // rcgen already writes our TLS keys; reuse its PEM encoder rather than carry a second one.
     let key = PrivatePkcs8KeyDer::from(der.to_vec());
     rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key, &rcgen::PKCS_ED25519)
         .map(|k| k.serialize_pem())
-        .expect("a key ring generated or accepted is valid Ed25519 PKCS#8")
+        .map_err(|e| SigningError::BadEncoding {
+            what: "Ed25519 PKCS#8 key",
+            text: format!("<{} bytes>", der.len()),
+            reason: e.to_string(),
+        })
 }
 
 fn file_error(what: &'static str, path: &Path, e: io::Error) -> SigningError {
@@ -393,7 +301,6 @@ pub(crate) fn insecure_mode(path: &Path) -> io::Result<Option<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     #[test]
     fn sign_verify_round_trip_through_files() {
@@ -412,6 +319,20 @@ mod tests {
         let text = std::fs::read_to_string(&kp).unwrap();
         assert!(text.starts_with("-----BEGIN PRIVATE KEY-----"), "{text}");
         assert_eq!(std::fs::read_to_string(&pp).unwrap().trim().len(), 64);
+    }
+
+    #[test]
+    fn accepts_openssl_style_pkcs8_v1_keys() {
+        // `openssl genpkey -algorithm ed25519` writes PKCS#8 v1: a fixed prefix and the seed.
+        let mut der = hex::decode("302e020100300506032b657004220420").unwrap();
+        der.extend_from_slice(&[7u8; 32]);
+        let key = SigningKey::from_pkcs8(&der).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.key");
+        key.save(&path).unwrap();
+        let back = SigningKey::load(&path).unwrap();
+        assert_eq!(back.verifying_key(), key.verifying_key());
+        back.verifying_key().verify(b"m", &key.sign(b"m")).unwrap();
     }
 
     #[test]
@@ -463,44 +384,5 @@ mod tests {
         std::fs::write(&bad_pub, "abcd\n").unwrap();
         let err = VerifyingKey::load(&bad_pub).unwrap_err();
         assert!(matches!(err, SigningError::Malformed { .. }), "{err}");
-    }
-
-    #[test]
-    fn canonical_json_sorts_keys_at_every_level() {
-        let v: Value =
-            serde_json::from_str(r#"{"b":1,"a":{"z":[3,{"y":true,"x":null}],"c":"é"}}"#).unwrap();
-        let text = String::from_utf8(canonical_json(&v)).unwrap();
-        assert_eq!(text, r#"{"a":{"c":"é","z":[3,{"x":null,"y":true}]},"b":1}"#);
-    }
-
-    #[test]
-    fn signed_manifest_round_trip_tamper_and_wrong_key() {
-        let key = SigningKey::generate().unwrap();
-        let mut m = BTreeMap::new();
-        m.insert("model_hash".to_string(), "ab".repeat(32));
-        m.insert("version".to_string(), "7".to_string());
-        let signed = SignedManifest::sign(&m, &key).unwrap();
-        let back: BTreeMap<String, String> = signed.verify_into(&key.verifying_key()).unwrap();
-        assert_eq!(back, m);
-
-        // Survives a JSON round trip with keys in another order.
-        let json = serde_json::to_string(&signed).unwrap();
-        let reread: SignedManifest = serde_json::from_str(&json).unwrap();
-        reread.verify(&key.verifying_key()).unwrap();
-
-        let mut tampered = signed.clone();
-        tampered.manifest["version"] = Value::String("8".into());
-        let err = tampered.verify(&key.verifying_key()).unwrap_err();
-        assert!(matches!(err, SigningError::BadSignature), "{err}");
-
-        let other = SigningKey::generate().unwrap();
-        let err = signed.verify(&other.verifying_key()).unwrap_err();
-        assert!(matches!(err, SigningError::WrongKey { .. }), "{err}");
-
-        // A forged key id does not let another key's signature through.
-        let mut forged = SignedManifest::sign(&m, &other).unwrap();
-        forged.key_id = key.verifying_key().key_id();
-        let err = forged.verify(&key.verifying_key()).unwrap_err();
-        assert!(matches!(err, SigningError::BadSignature), "{err}");
     }
 }

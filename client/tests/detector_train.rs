@@ -1,0 +1,193 @@
+//! Training loop tests, CI-sized: overfitting a fixed tiny batch, cancellation, checkpoints
+//! written during training and resumed, and FedProx's pull towards the reference.
+
+use std::ops::ControlFlow;
+
+use fedinspect_client::detector::synthetic::rectangles;
+use fedinspect_client::detector::{
+    train, CheckpointPolicy, DecodeParams, Detector, FedProx, FixedBatches, Stop, StopReason,
+    TrainConfig,
+};
+use fedinspect_common::arch::ArchConfig;
+use tch::Device;
+
+fn tiny_arch() -> ArchConfig {
+    ArchConfig {
+        num_classes: 2,
+        input_size: 64,
+        width: 0.25,
+        fpn_width: 16,
+        head_width: 16,
+        ..ArchConfig::default()
+    }
+}
+
+fn tiny_detector(seed: u64) -> Detector {
+    tch::set_num_threads(1);
+    Detector::seeded(tiny_arch(), vec!["a".into(), "b".into()], Device::Cpu, seed).unwrap()
+}
+
+fn config(stop: Stop) -> TrainConfig {
+    TrainConfig {
+        lr: 1e-2,
+        warmup_steps: 5,
+        stop,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn overfits_a_fixed_tiny_batch() {
+    let mut det = tiny_detector(0);
+    let batch = rectangles(2, 2, 64, 2, 2, 7);
+    let mut data = FixedBatches(vec![batch.clone()]);
+    let mut losses = Vec::new();
+    let report = train(&mut det, &mut data, &config(Stop::Steps(120)), &mut |p| {
+        losses.push(p.loss);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(report.steps, 120);
+    assert_eq!(report.reason, StopReason::Finished);
+    let first = losses[0];
+    let last = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    assert!(
+        first >= 5.0 * last,
+        "loss went from {first:.3} to {last:.3}, less than 5x"
+    );
+
+    // The overfitted detector finds the rectangles it was trained on.
+    let dets = det.detect(&batch, &DecodeParams::default()).unwrap();
+    for (image, truth) in dets.iter().zip(&batch.annotations) {
+        for t in truth {
+            let best = image
+                .iter()
+                .filter(|d| d.class == t.class)
+                .map(|d| d.bbox.iou(&t.bbox))
+                .fold(0.0f32, f32::max);
+            assert!(best > 0.5, "box {t:?} found with IoU {best}: {image:?}");
+        }
+    }
+}
+
+#[test]
+fn callback_can_cancel_and_the_state_is_still_checkpointed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.safetensors");
+    let mut det = tiny_detector(1);
+    let mut data = FixedBatches(vec![rectangles(2, 2, 64, 1, 2, 1)]);
+    let cfg = TrainConfig {
+        checkpoint: Some(CheckpointPolicy {
+            path: path.clone(),
+            every_epochs: 1,
+            preprocess: None,
+        }),
+        ..config(Stop::Epochs(100))
+    };
+    let report = train(&mut det, &mut data, &cfg, &mut |p| {
+        if p.step == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!((report.steps, report.reason), (3, StopReason::Cancelled));
+    let (loaded, info) = Detector::load_checkpoint(&path, Device::Cpu).unwrap();
+    assert_eq!(info.epoch, 2, "two full epochs of one batch, the third cancelled");
+    assert_eq!(
+        loaded.state().unwrap().content_hash(),
+        det.state().unwrap().content_hash()
+    );
+}
+
+#[test]
+fn resumes_from_a_checkpoint_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.safetensors");
+    let mut det = tiny_detector(2);
+    let mut data = FixedBatches(vec![rectangles(2, 2, 64, 1, 2, 2)]);
+    let policy = CheckpointPolicy {
+        path: path.clone(),
+        every_epochs: 1,
+        preprocess: None,
+    };
+    let cfg = TrainConfig {
+        checkpoint: Some(policy.clone()),
+        ..config(Stop::Epochs(2))
+    };
+    train(&mut det, &mut data, &cfg, &mut |_| ControlFlow::Continue(())).unwrap();
+
+    let (mut resumed, info) = Detector::load_checkpoint(&path, Device::Cpu).unwrap();
+    assert_eq!(info.epoch, 2);
+    let mut epochs = Vec::new();
+    let cfg = TrainConfig {
+        start_epoch: info.epoch,
+        checkpoint: Some(policy),
+        ..config(Stop::Epochs(4))
+    };
+    let report = train(&mut resumed, &mut data, &cfg, &mut |p| {
+        epochs.push(p.epoch);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(epochs, [2, 3]);
+    assert_eq!(report.epochs_completed, 4);
+    assert_eq!(Detector::load_checkpoint(&path, Device::Cpu).unwrap().1.epoch, 4);
+}
+
+#[test]
+fn fedprox_keeps_weights_near_the_reference() {
+    let data = vec![rectangles(2, 2, 64, 2, 2, 3)];
+    let reference = tiny_detector(3).state().unwrap();
+    let distance = |mu: f64| {
+        let mut det = tiny_detector(3);
+        let cfg = TrainConfig {
+            fedprox: Some(FedProx {
+                mu,
+                reference: reference.clone(),
+            }),
+            weight_decay: 0.0,
+            ..config(Stop::Steps(15))
+        };
+        let mut source = FixedBatches(data.clone());
+        train(&mut det, &mut source, &cfg, &mut |_| ControlFlow::Continue(())).unwrap();
+        let state = det.state().unwrap();
+        state
+            .iter()
+            .filter(|(name, _)| !name.contains("running_"))
+            .map(|(name, t)| {
+                let r = reference.get(name).unwrap().data();
+                t.data().iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()
+            })
+            .sum::<f32>()
+    };
+    let free = distance(0.0);
+    let held = distance(100.0);
+    assert!(held < 0.5 * free, "FedProx distance {held} vs free {free}");
+}
+
+#[test]
+fn fedprox_refuses_a_reference_of_another_architecture() {
+    let mut det = tiny_detector(4);
+    let other = Detector::seeded(
+        ArchConfig {
+            width: 0.5,
+            ..tiny_arch()
+        },
+        vec!["a".into(), "b".into()],
+        Device::Cpu,
+        4,
+    )
+    .unwrap();
+    let cfg = TrainConfig {
+        fedprox: Some(FedProx {
+            mu: 0.1,
+            reference: other.state().unwrap(),
+        }),
+        ..config(Stop::Steps(1))
+    };
+    let mut data = FixedBatches(vec![rectangles(1, 2, 64, 1, 2, 4)]);
+    let err = train(&mut det, &mut data, &cfg, &mut |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(err.to_string().contains("FedProx reference"), "{err}");
+}

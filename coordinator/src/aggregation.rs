@@ -1,0 +1,108 @@
+//! Turning a round's accepted deltas into the next model: norm clipping, the strategy call and
+//! the version's metrics. Pure and synchronous: the round driver reads the blobs and calls this
+//! on a blocking thread.
+
+use std::collections::BTreeMap;
+
+use fedinspect_common::fedavg::{FedAvgError, PlantUpdate, Strategy};
+use fedinspect_common::ModelState;
+
+/// One accepted update, decoded.
+pub struct Input<'a> {
+    pub plant_id: &'a str,
+    pub num_samples: u64,
+    pub delta: &'a ModelState,
+    pub metrics: &'a BTreeMap<String, f64>,
+}
+
+/// The factor that brings a delta of L2 norm `norm` down to `bound`, if it is above.
+pub fn clip_scale(norm: f64, bound: f64) -> Option<f32> {
+    (norm > bound).then(|| (bound / norm) as f32)
+}
+
+/// Multiplies every value of `delta` by `scale` (f32, so a recomputation gives the same bits).
+pub fn apply_scale(delta: &mut ModelState, scale: f32) {
+    for (_, t) in delta.iter_mut() {
+        for v in t.data_mut() {
+            *v *= scale;
+        }
+    }
+}
+
+/// The next model from `base` and the inputs, in the strategy's canonical order.
+pub fn aggregate(
+    strategy: &dyn Strategy,
+    base: &ModelState,
+    inputs: &[Input<'_>],
+) -> Result<ModelState, FedAvgError> {
+    let updates: Vec<PlantUpdate<'_>> = inputs
+        .iter()
+        .map(|i| PlantUpdate::new(i.plant_id, i.num_samples, i.delta))
+        .collect();
+    strategy.aggregate(base, &updates)
+}
+
+/// Per metric name, the sample-weighted mean over the plants that reported it, summed in
+/// plant-id order so it is the same on every recomputation. Non-finite values are ignored.
+pub fn weighted_metrics(inputs: &[Input<'_>]) -> BTreeMap<String, f64> {
+    let mut order: Vec<&Input<'_>> = inputs.iter().collect();
+    order.sort_by(|a, b| a.plant_id.cmp(b.plant_id));
+    let mut sums: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    for i in order {
+        for (name, &value) in i.metrics {
+            if value.is_finite() && i.num_samples > 0 {
+                let w = i.num_samples as f64;
+                let e = sums.entry(name).or_default();
+                e.0 += w * value;
+                e.1 += w;
+            }
+        }
+    }
+    sums.into_iter()
+        .map(|(name, (sum, weight))| (name.to_string(), sum / weight))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedinspect_common::fedavg::FedAvg;
+    use fedinspect_common::Tensor;
+
+    fn model(values: &[f32]) -> ModelState {
+        let mut m = ModelState::new();
+        m.insert("w", Tensor::new(vec![values.len()], values.to_vec()).unwrap())
+            .unwrap();
+        m
+    }
+
+    #[test]
+    fn clip_only_above_the_bound() {
+        assert_eq!(clip_scale(1.0, 2.0), None);
+        assert_eq!(clip_scale(2.0, 2.0), None);
+        assert_eq!(clip_scale(4.0, 2.0), Some(0.5));
+        let mut d = model(&[3.0, 4.0]);
+        apply_scale(&mut d, clip_scale(5.0, 1.0).unwrap());
+        assert_eq!(d.get("w").unwrap().data(), &[0.6, 0.8]);
+    }
+
+    #[test]
+    fn weighted_fedavg_and_metrics_by_hand() {
+        let base = model(&[1.0, 1.0]);
+        let (d1, d2) = (model(&[1.0, 0.0]), model(&[4.0, 2.0]));
+        let (m1, m2) = (
+            BTreeMap::from([("loss".to_string(), 1.0)]),
+            BTreeMap::from([("loss".to_string(), 4.0), ("acc".to_string(), f64::NAN)]),
+        );
+        let inputs = [
+            Input { plant_id: "b", num_samples: 3, delta: &d2, metrics: &m2 },
+            Input { plant_id: "a", num_samples: 1, delta: &d1, metrics: &m1 },
+        ];
+        let out = aggregate(&FedAvg, &base, &inputs).unwrap();
+        // (1·1 + 3·4)/4 = 3.25 and (1·0 + 3·2)/4 = 1.5, added to the base.
+        assert_eq!(out.get("w").unwrap().data(), &[4.25, 2.5]);
+        let metrics = weighted_metrics(&inputs);
+        assert_eq!(metrics.len(), 1, "{metrics:?}");
+        assert_eq!(metrics["loss"], 3.25);
+    }
+}

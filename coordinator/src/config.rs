@@ -1,0 +1,457 @@
+//! `coordinator.toml`: the raw, all-optional [`RawConfig`] read by serde, resolved into a
+//! validated [`Config`] that reports every problem of the file at once.
+//!
+//! Relative paths are taken relative to the folder of the config file, so a config travels
+//! with the files it names.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedinspect_common::delta::{Codec, DEFAULT_Q8_BLOCK, MAX_Q8_BLOCK};
+use fedinspect_common::tls::TlsFiles;
+use serde::Deserialize;
+
+/// The file as written: every field optional, unknown fields refused.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub signing_key: Option<PathBuf>,
+    pub initial_model: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub round: RawRound,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRound {
+    pub min_participants: Option<u32>,
+    pub target_participants: Option<u32>,
+    pub deadline_secs: Option<u64>,
+    pub local_epochs: Option<u32>,
+    pub learning_rate: Option<f64>,
+    pub fedprox_mu: Option<f64>,
+    pub batch_size: Option<u32>,
+    pub codec: Option<String>,
+    pub q8_block: Option<u32>,
+    pub max_rounds: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_update_bytes: Option<u64>,
+    pub max_samples_per_plant: Option<u64>,
+    pub delta_norm_bound: Option<f64>,
+    pub norm_action: Option<String>,
+}
+
+/// A checked configuration, ready to build a coordinator from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub signing_key: PathBuf,
+    /// Stored as version 1 by the first `serve` when no version exists yet.
+    pub initial_model: Option<PathBuf>,
+    pub round: RoundPolicy,
+    pub limits: Limits,
+}
+
+/// How rounds are run and what plants are asked to do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundPolicy {
+    /// Connected plants needed to open a round, and accepted updates needed to publish one.
+    pub min_participants: u32,
+    /// A round closes early once this many updates are accepted.
+    pub target_participants: u32,
+    pub deadline: Duration,
+    pub local_epochs: u32,
+    pub learning_rate: f64,
+    pub fedprox_mu: f64,
+    pub batch_size: u32,
+    pub codec: Codec,
+    /// Stop opening rounds after this many; 0 runs forever.
+    pub max_rounds: u64,
+}
+
+/// Bounds on what one plant's update may be.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    pub max_update_bytes: u64,
+    pub max_samples_per_plant: u64,
+    /// Largest accepted L2 norm of a decoded delta; `None` accepts any.
+    pub delta_norm_bound: Option<f64>,
+    pub norm_action: NormAction,
+}
+
+/// What happens to a delta whose L2 norm exceeds the bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormAction {
+    /// Refuse the update.
+    Reject,
+    /// Accept it, scaled down to the bound at aggregation.
+    Clip,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {} is not valid TOML for the coordinator: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {} has {} problem(s):\n  - {}", path.display(), problems.len(), problems.join("\n  - "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+impl Default for RoundPolicy {
+    fn default() -> Self {
+        Self {
+            min_participants: 2,
+            target_participants: 3,
+            deadline: Duration::from_secs(600),
+            local_epochs: 1,
+            learning_rate: 0.01,
+            fedprox_mu: 0.0,
+            batch_size: 8,
+            codec: Codec::F16,
+            max_rounds: 0,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_update_bytes: 1 << 30,
+            max_samples_per_plant: 10_000_000,
+            delta_norm_bound: None,
+            norm_action: NormAction::Reject,
+        }
+    }
+}
+
+impl fmt::Display for NormAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NormAction::Reject => "reject",
+            NormAction::Clip => "clip",
+        })
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_raw(raw, base).map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Validates `raw`, resolving relative paths against `base`; returns every problem found.
+    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Self, Vec<String>> {
+        let mut p = Problems::default();
+        let listen = match raw.listen.as_deref() {
+            None => p.missing("listen", "the address to serve on, e.g. \"0.0.0.0:50051\""),
+            Some(s) => s.parse::<SocketAddr>().map_err(|_| {
+                p.push(format!("listen: '{s}' is not an address with a port, e.g. \"0.0.0.0:50051\""))
+            }).ok(),
+        };
+        let data_dir = match raw.data_dir {
+            None => p.missing("data_dir", "the folder for the database and blobs"),
+            Some(d) => Some(resolve(base, &d)),
+        };
+        let ca = p.existing_file(base, "tls.ca", raw.tls.ca);
+        let cert = p.existing_file(base, "tls.cert", raw.tls.cert);
+        let key = p.existing_file(base, "tls.key", raw.tls.key);
+        let signing_key = p.existing_file(base, "signing_key", raw.signing_key);
+        let initial_model = raw.initial_model.and_then(|m| {
+            let path = resolve(base, &m);
+            if path.is_file() {
+                Some(path)
+            } else {
+                p.push(format!("initial_model: {} is not a file", path.display()));
+                None
+            }
+        });
+        let round = round_policy(raw.round, &mut p);
+        let limits = limits(raw.limits, &mut p);
+        match (listen, data_dir, ca, cert, key, signing_key) {
+            (Some(listen), Some(data_dir), Some(ca_cert), Some(cert), Some(key), Some(signing_key))
+                if p.0.is_empty() =>
+            {
+                Ok(Config {
+                    listen,
+                    data_dir,
+                    tls: TlsFiles { ca_cert, cert, key },
+                    signing_key,
+                    initial_model,
+                    round,
+                    limits,
+                })
+            }
+            _ => Err(p.0),
+        }
+    }
+}
+
+fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
+    let d = RoundPolicy::default();
+    let min_participants = raw.min_participants.unwrap_or(d.min_participants);
+    if min_participants == 0 {
+        p.push("round.min_participants: must be at least 1".into());
+    }
+    let target_participants = raw
+        .target_participants
+        .unwrap_or(d.target_participants.max(min_participants));
+    if target_participants < min_participants {
+        p.push(format!(
+            "round.target_participants: {target_participants} is below min_participants \
+             {min_participants}; raise it or lower min_participants"
+        ));
+    }
+    let deadline_secs = raw.deadline_secs.unwrap_or(d.deadline.as_secs());
+    if deadline_secs == 0 {
+        p.push("round.deadline_secs: must be at least 1".into());
+    }
+    let local_epochs = raw.local_epochs.unwrap_or(d.local_epochs);
+    if local_epochs == 0 {
+        p.push("round.local_epochs: must be at least 1".into());
+    }
+    let learning_rate = raw.learning_rate.unwrap_or(d.learning_rate);
+    if !(learning_rate.is_finite() && learning_rate > 0.0) {
+        p.push(format!("round.learning_rate: {learning_rate} must be a positive number"));
+    }
+    let fedprox_mu = raw.fedprox_mu.unwrap_or(d.fedprox_mu);
+    if !(fedprox_mu.is_finite() && fedprox_mu >= 0.0) {
+        p.push(format!("round.fedprox_mu: {fedprox_mu} must be 0 (plain FedAvg) or positive"));
+    }
+    let batch_size = raw.batch_size.unwrap_or(d.batch_size);
+    if batch_size == 0 {
+        p.push("round.batch_size: must be at least 1".into());
+    }
+    let block = raw.q8_block.unwrap_or(DEFAULT_Q8_BLOCK);
+    if !(1..=MAX_Q8_BLOCK).contains(&block) {
+        p.push(format!("round.q8_block: {block} is outside 1..={MAX_Q8_BLOCK}"));
+    }
+    let codec = match raw.codec.as_deref() {
+        None => d.codec,
+        Some("f32") => Codec::F32,
+        Some("f16") => Codec::F16,
+        Some("q8") => Codec::Q8 { block },
+        Some(other) => {
+            p.push(format!("round.codec: '{other}' is not a codec; use f32, f16 or q8"));
+            d.codec
+        }
+    };
+    RoundPolicy {
+        min_participants,
+        target_participants,
+        deadline: Duration::from_secs(deadline_secs),
+        local_epochs,
+        learning_rate,
+        fedprox_mu,
+        batch_size,
+        codec,
+        max_rounds: raw.max_rounds.unwrap_or(d.max_rounds),
+    }
+}
+
+fn limits(raw: RawLimits, p: &mut Problems) -> Limits {
+    let d = Limits::default();
+    let max_update_bytes = raw.max_update_bytes.unwrap_or(d.max_update_bytes);
+    if max_update_bytes == 0 {
+        p.push("limits.max_update_bytes: must be at least 1".into());
+    }
+    let max_samples_per_plant = raw.max_samples_per_plant.unwrap_or(d.max_samples_per_plant);
+    if max_samples_per_plant == 0 {
+        p.push("limits.max_samples_per_plant: must be at least 1".into());
+    }
+    let delta_norm_bound = raw.delta_norm_bound;
+    if let Some(b) = delta_norm_bound {
+        if !(b.is_finite() && b > 0.0) {
+            p.push(format!(
+                "limits.delta_norm_bound: {b} must be a positive number (leave it out for no bound)"
+            ));
+        }
+    }
+    let norm_action = match raw.norm_action.as_deref() {
+        None | Some("reject") => NormAction::Reject,
+        Some("clip") => NormAction::Clip,
+        Some(other) => {
+            p.push(format!("limits.norm_action: '{other}' is not an action; use reject or clip"));
+            NormAction::Reject
+        }
+    };
+    Limits {
+        max_update_bytes,
+        max_samples_per_plant,
+        delta_norm_bound,
+        norm_action,
+    }
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, problem: String) {
+        self.0.push(problem);
+    }
+
+    fn missing<T>(&mut self, field: &str, what: &str) -> Option<T> {
+        self.push(format!("{field}: missing; set it to {what}"));
+        None
+    }
+
+    fn existing_file(&mut self, base: &Path, field: &str, value: Option<PathBuf>) -> Option<PathBuf> {
+        let Some(value) = value else {
+            return self.missing(field, "a file path (see coordinator.example.toml)");
+        };
+        let path = resolve(base, &value);
+        if path.is_file() {
+            Some(path)
+        } else {
+            self.push(format!(
+                "{field}: {} does not exist; create the PKI with `fedinspect-certs init` or fix the path",
+                path.display()
+            ));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) {
+        for f in ["ca.pem", "c.pem", "c.key", "s.key"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+    }
+
+    const MINIMAL: &str = r#"
+        listen = "127.0.0.1:0"
+        data_dir = "data"
+        signing_key = "s.key"
+        [tls]
+        ca = "ca.pem"
+        cert = "c.pem"
+        key = "c.key"
+    "#;
+
+    #[test]
+    fn minimal_file_gets_defaults_and_resolved_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        files(dir.path());
+        let raw: RawConfig = toml::from_str(MINIMAL).unwrap();
+        let c = Config::from_raw(raw, dir.path()).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.tls.ca_cert, dir.path().join("ca.pem"));
+        assert_eq!(c.round, RoundPolicy::default());
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw: RawConfig = toml::from_str(
+            r#"
+            listen = "nowhere"
+            [round]
+            min_participants = 3
+            target_participants = 2
+            learning_rate = -1.0
+            codec = "bf16"
+            q8_block = 0
+            [limits]
+            delta_norm_bound = 0.0
+            norm_action = "ignore"
+            "#,
+        )
+        .unwrap();
+        let problems = Config::from_raw(raw, dir.path()).unwrap_err();
+        let text = problems.join("\n");
+        for needle in [
+            "listen: 'nowhere'",
+            "data_dir: missing",
+            "tls.ca: missing",
+            "tls.cert: missing",
+            "tls.key: missing",
+            "signing_key: missing",
+            "target_participants: 2 is below",
+            "learning_rate",
+            "round.codec: 'bf16'",
+            "q8_block: 0",
+            "delta_norm_bound",
+            "norm_action: 'ignore'",
+        ] {
+            assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
+        }
+        assert_eq!(problems.len(), 12, "{text}");
+    }
+
+    #[test]
+    fn q8_takes_the_block_size_and_clip_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        files(dir.path());
+        let text = format!(
+            "{MINIMAL}\n[round]\ncodec = \"q8\"\nq8_block = 64\n[limits]\ndelta_norm_bound = 5.0\nnorm_action = \"clip\"\n"
+        );
+        let c = Config::from_raw(toml::from_str(&text).unwrap(), dir.path()).unwrap();
+        assert_eq!(c.round.codec, Codec::Q8 { block: 64 });
+        assert_eq!(c.limits.delta_norm_bound, Some(5.0));
+        assert_eq!(c.limits.norm_action, NormAction::Clip);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(toml::from_str::<RawConfig>("[round]\nmin_participant = 2\n").is_err());
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../coordinator.example.toml");
+        toml::from_str::<RawConfig>(text).unwrap();
+    }
+}

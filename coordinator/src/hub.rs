@@ -1,0 +1,204 @@
+//! [`Hub`]: the state the rpc handlers and the round driver share: storage, policy, the open
+//! round, the connected plants' task channels, and a change counter the driver waits on.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use fedinspect_common::delta::Layout;
+use fedinspect_common::signing::SigningKey;
+use fedinspect_common::ModelHash;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Limits, RoundPolicy};
+use crate::error::CoreError;
+use crate::records::{now_unix_ms, AuditEntry, RoundRecord, TrainPlan, UpdateRecord};
+use crate::storage::{BlobStore, RecordOutcome, Store};
+
+/// Tasks queued per plant before further ones are dropped (a plant reads them as they come).
+const TASK_QUEUE: usize = 8;
+
+/// A round that accepts updates, with what checking them needs.
+#[derive(Debug)]
+pub struct OpenRound {
+    pub record: RoundRecord,
+    pub base_signature: Vec<u8>,
+    /// Names and shapes of the base model: what every delta must match.
+    pub layout: Layout,
+}
+
+/// An instruction for one plant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PlantTask {
+    Train(TrainTask),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainTask {
+    pub round: u64,
+    pub base_version: u64,
+    pub base_hash: ModelHash,
+    pub base_signature: Vec<u8>,
+    pub plan: TrainPlan,
+    pub deadline_unix_ms: i64,
+}
+
+pub struct Hub {
+    pub store: Store,
+    pub blobs: BlobStore,
+    pub policy: RoundPolicy,
+    pub limits: Limits,
+    pub signer: SigningKey,
+    /// Name in the coordinator's certificate.
+    pub coordinator_id: String,
+    open: Mutex<Option<Arc<OpenRound>>>,
+    sessions: Mutex<BTreeMap<String, mpsc::Sender<PlantTask>>>,
+    events: watch::Sender<u64>,
+}
+
+impl OpenRound {
+    pub fn task(&self) -> TrainTask {
+        TrainTask {
+            round: self.record.round,
+            base_version: self.record.base_version,
+            base_hash: self.record.base_hash.0,
+            base_signature: self.base_signature.clone(),
+            plan: self.record.plan.clone(),
+            deadline_unix_ms: self.record.deadline_unix_ms,
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(
+        store: Store,
+        blobs: BlobStore,
+        policy: RoundPolicy,
+        limits: Limits,
+        signer: SigningKey,
+        coordinator_id: String,
+    ) -> Self {
+        Self {
+            store,
+            blobs,
+            policy,
+            limits,
+            signer,
+            coordinator_id,
+            open: Mutex::new(None),
+            sessions: Mutex::new(BTreeMap::new()),
+            events: watch::channel(0).0,
+        }
+    }
+
+    /// A receiver that sees a change whenever plants connect or updates are accepted.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    fn notify(&self) {
+        self.events.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub fn open_round(&self) -> Option<Arc<OpenRound>> {
+        lock(&self.open).clone()
+    }
+
+    /// Makes `round` the open round and sends its train task to every connected plant that
+    /// has not contributed to it yet.
+    pub fn set_open(&self, round: Arc<OpenRound>) -> Result<(), CoreError> {
+        *lock(&self.open) = Some(round.clone());
+        let task = PlantTask::Train(round.task());
+        let sessions: Vec<(String, mpsc::Sender<PlantTask>)> = lock(&self.sessions)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (plant, tx) in sessions {
+            if self.store.update_for(round.record.round, &plant)?.is_none() {
+                send(&plant, &tx, task.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops accepting updates for `round`; after this returns no update of it is recorded.
+    pub fn close(&self, round: u64) {
+        let mut open = lock(&self.open);
+        if open.as_ref().is_some_and(|o| o.record.round == round) {
+            *open = None;
+        }
+    }
+
+    /// Records an accepted update if its round is still open (atomically with [`Hub::close`]).
+    /// The caller makes it durable with `store.flush()` before acknowledging.
+    pub fn commit_update(&self, rec: &UpdateRecord) -> Result<RecordOutcome, CoreError> {
+        let outcome = {
+            let open = lock(&self.open);
+            if !open.as_ref().is_some_and(|o| o.record.round == rec.round) {
+                return Err(CoreError::RoundClosed { round: rec.round });
+            }
+            self.store.record_update(rec)?
+        };
+        self.notify();
+        Ok(outcome)
+    }
+
+    /// Opens `plant`'s task channel (replacing an older one) and queues the open round's task
+    /// if the plant has not contributed to it.
+    pub fn connect(&self, plant: &str) -> Result<mpsc::Receiver<PlantTask>, CoreError> {
+        let (tx, rx) = mpsc::channel(TASK_QUEUE);
+        if let Some(open) = self.open_round() {
+            if self.store.update_for(open.record.round, plant)?.is_none() {
+                send(plant, &tx, PlantTask::Train(open.task()));
+            }
+        }
+        lock(&self.sessions).insert(plant.to_string(), tx);
+        self.notify();
+        Ok(rx)
+    }
+
+    /// Ends `plant`'s task stream, if it has one.
+    pub fn disconnect(&self, plant: &str) {
+        lock(&self.sessions).remove(plant);
+        self.notify();
+    }
+
+    /// Ends every task stream (at shutdown, so the server can drain).
+    pub fn disconnect_all(&self) {
+        lock(&self.sessions).clear();
+        self.notify();
+    }
+
+    /// Plants whose task stream is open, in id order.
+    pub fn connected(&self) -> Vec<String> {
+        let mut sessions = lock(&self.sessions);
+        sessions.retain(|_, tx| !tx.is_closed());
+        sessions.keys().cloned().collect()
+    }
+
+    /// Writes an audit entry; a storage failure is logged, never returned, so that refusing a
+    /// request does not turn into a different error.
+    pub fn audit(&self, actor: &str, action: &str, detail: &str) {
+        let entry = AuditEntry {
+            at_unix_ms: now_unix_ms(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            detail: detail.to_string(),
+        };
+        tracing::info!(actor, action, detail, "audit");
+        if let Err(e) = self.store.audit(&entry) {
+            tracing::error!(error = %e, "cannot write audit entry");
+        }
+    }
+}
+
+fn send(plant: &str, tx: &mpsc::Sender<PlantTask>, task: PlantTask) {
+    if let Err(e) = tx.try_send(task) {
+        tracing::warn!(plant, error = %e, "cannot queue task for plant");
+    }
+}
+
+/// Locks a mutex; the data stays consistent even if a holder panicked (every critical section
+/// here is a single assignment or map operation).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,327 @@
+//! Admission of one plant update, in the order that keeps bad data out of the round: the
+//! header is checked against the open round and the limits ([`admit`]), the payload is written
+//! to a temporary file while it is hashed ([`Receiving::chunk`]), then its length and SHA-256
+//! are checked, it is decoded against the base layout (finite values, exact layout), its norm
+//! bounded, and only then is it moved into the blob store, recorded and acknowledged
+//! ([`Receiving::finish`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fedinspect_common::delta::{self, Codec, DeltaSink};
+use fedinspect_common::ModelHash;
+
+use crate::aggregation::clip_scale;
+use crate::config::NormAction;
+use crate::error::CoreError;
+use crate::hub::{Hub, OpenRound};
+use crate::records::{now_unix_ms, Digest, UpdateId, UpdateRecord};
+use crate::storage::{Incoming, RecordOutcome};
+
+/// Largest payload chunk accepted, as in the protocol.
+pub const CHUNK_BYTES: usize = fedinspect_proto::CHUNK_BYTES;
+
+/// The codec family a header names; the q8 block size is checked in the payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireCodec {
+    F32,
+    F16,
+    Q8,
+}
+
+/// An update's header, checked for shape by `rpc::from_proto`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdateHeader {
+    pub protocol_version: u32,
+    pub update_id: UpdateId,
+    pub round: u64,
+    pub base_version: u64,
+    pub base_hash: ModelHash,
+    pub codec: WireCodec,
+    pub num_samples: u64,
+    pub payload_bytes: u64,
+    pub payload_sha256: Digest,
+    pub plant_signature: Vec<u8>,
+    pub metrics: BTreeMap<String, f64>,
+    pub resume_offset: u64,
+}
+
+/// What [`admit`] decided.
+pub enum Admission {
+    /// Receive the payload.
+    Fresh(Box<Receiving>),
+    /// This update was accepted before; acknowledge it again, count nothing.
+    Duplicate(UpdateRecord),
+}
+
+/// An admitted update whose payload is arriving.
+pub struct Receiving {
+    hub: Arc<Hub>,
+    plant: String,
+    header: UpdateHeader,
+    round: Arc<OpenRound>,
+    incoming: Incoming,
+}
+
+/// An acknowledged update.
+#[derive(Debug)]
+pub struct Accepted {
+    pub record: UpdateRecord,
+    pub duplicate: bool,
+}
+
+impl WireCodec {
+    pub fn name(self) -> &'static str {
+        match self {
+            WireCodec::F32 => "f32",
+            WireCodec::F16 => "f16",
+            WireCodec::Q8 => "q8",
+        }
+    }
+
+    fn family_of(codec: Codec) -> Self {
+        match codec {
+            Codec::F32 => WireCodec::F32,
+            Codec::F16 => WireCodec::F16,
+            Codec::Q8 { .. } => WireCodec::Q8,
+        }
+    }
+}
+
+/// Checks `header` from `plant` against its registration, the open round and the limits.
+pub async fn admit(hub: &Arc<Hub>, plant: &str, header: UpdateHeader) -> Result<Admission, CoreError> {
+    check_protocol(header.protocol_version)?;
+    let record = hub
+        .store
+        .plant(plant)?
+        .ok_or_else(|| CoreError::NotRegistered(plant.to_string()))?;
+    if let Some(r) = record.revoked {
+        return Err(CoreError::Revoked {
+            plant: plant.to_string(),
+            reason: r.reason,
+        });
+    }
+    if let Some(existing) = hub.store.update_by_id(&header.update_id)? {
+        if existing.plant_id == plant {
+            return Ok(Admission::Duplicate(existing));
+        }
+        return Err(CoreError::UpdateIdTaken {
+            id: header.update_id.to_hex(),
+        });
+    }
+    let round = hub.open_round().ok_or(CoreError::NoRoundOpen)?;
+    check_against_round(hub, plant, &header, &round)?;
+    let incoming = hub.blobs.incoming().await?;
+    Ok(Admission::Fresh(Box::new(Receiving {
+        hub: hub.clone(),
+        plant: plant.to_string(),
+        header,
+        round,
+        incoming,
+    })))
+}
+
+pub fn check_protocol(found: u32) -> Result<(), CoreError> {
+    let supported = fedinspect_proto::PROTOCOL_VERSION;
+    if found != supported {
+        return Err(CoreError::ProtocolVersion { found, supported });
+    }
+    Ok(())
+}
+
+fn check_against_round(
+    hub: &Hub,
+    plant: &str,
+    h: &UpdateHeader,
+    round: &OpenRound,
+) -> Result<(), CoreError> {
+    let r = &round.record;
+    if h.round != r.round {
+        return Err(CoreError::WrongRound {
+            sent: h.round,
+            open: r.round,
+        });
+    }
+    if let Some(existing) = hub.store.update_for(r.round, plant)? {
+        return Err(CoreError::AlreadyContributed {
+            plant: plant.to_string(),
+            round: r.round,
+            existing: existing.update_id.to_hex(),
+        });
+    }
+    if h.base_version != r.base_version {
+        return Err(CoreError::StaleBase {
+            sent: h.base_version,
+            expected: r.base_version,
+            round: r.round,
+        });
+    }
+    if h.base_hash != r.base_hash.0 {
+        return Err(CoreError::BaseHashMismatch {
+            version: r.base_version,
+        });
+    }
+    let codec = r.plan.codec;
+    if h.codec != WireCodec::family_of(codec) {
+        return Err(CoreError::WrongCodec {
+            found: h.codec.name(),
+            expected: codec,
+            round: r.round,
+        });
+    }
+    let limits = &hub.limits;
+    if h.num_samples == 0 {
+        return Err(CoreError::ZeroSamples);
+    }
+    if h.num_samples > limits.max_samples_per_plant {
+        return Err(CoreError::TooManySamples {
+            found: h.num_samples,
+            limit: limits.max_samples_per_plant,
+        });
+    }
+    if h.payload_bytes > limits.max_update_bytes {
+        return Err(CoreError::PayloadTooLarge {
+            found: h.payload_bytes,
+            limit: limits.max_update_bytes,
+        });
+    }
+    let expected = delta::encoded_len(&round.layout, codec);
+    if h.payload_bytes != expected {
+        return Err(CoreError::PayloadLength {
+            declared: h.payload_bytes,
+            expected,
+            codec,
+        });
+    }
+    if h.resume_offset != 0 {
+        return Err(CoreError::ResumeUnsupported(h.resume_offset));
+    }
+    Ok(())
+}
+
+impl Receiving {
+    /// Appends one chunk, which must start where the previous one ended.
+    pub async fn chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), CoreError> {
+        if data.len() > CHUNK_BYTES {
+            return Err(CoreError::ChunkTooLarge(data.len()));
+        }
+        let expected = self.incoming.len();
+        if offset != expected {
+            return Err(CoreError::ChunkOutOfOrder { offset, expected });
+        }
+        if expected + data.len() as u64 > self.header.payload_bytes {
+            return Err(CoreError::PayloadOverrun {
+                declared: self.header.payload_bytes,
+            });
+        }
+        self.incoming.write(data).await?;
+        Ok(())
+    }
+
+    /// Verifies and decodes the complete payload, stores it and records the update.
+    pub async fn finish(mut self) -> Result<Accepted, CoreError> {
+        let h = &self.header;
+        if self.incoming.len() < h.payload_bytes {
+            return Err(CoreError::Truncated {
+                got: self.incoming.len(),
+                expected: h.payload_bytes,
+            });
+        }
+        let digest = self.incoming.digest();
+        if digest != h.payload_sha256 {
+            return Err(CoreError::PayloadDigest {
+                declared: h.payload_sha256.to_hex(),
+                found: digest.to_hex(),
+            });
+        }
+        self.incoming.sync().await?;
+        let l2_norm = self.decode_norm().await?;
+        let clip = self.norm_verdict(l2_norm)?;
+        let incoming = self.incoming;
+        let stored = blocking(move || incoming.commit().map_err(CoreError::from)).await?;
+        let h = self.header;
+        let record = UpdateRecord {
+            update_id: h.update_id,
+            round: h.round,
+            plant_id: self.plant.clone(),
+            base_version: h.base_version,
+            codec: self.round.record.plan.codec,
+            num_samples: h.num_samples,
+            payload_bytes: h.payload_bytes,
+            delta_sha256: stored,
+            plant_signature: h.plant_signature,
+            metrics: h.metrics,
+            l2_norm,
+            clip_scale: clip,
+            received_unix_ms: now_unix_ms(),
+        };
+        match self.hub.commit_update(&record)? {
+            RecordOutcome::Inserted => {
+                self.hub.store.flush().await?;
+                Ok(Accepted {
+                    record,
+                    duplicate: false,
+                })
+            }
+            RecordOutcome::Duplicate(existing) => Ok(Accepted {
+                record: existing,
+                duplicate: true,
+            }),
+            RecordOutcome::PlantAlreadyContributed(existing) => Err(CoreError::AlreadyContributed {
+                plant: self.plant,
+                round: record.round,
+                existing: existing.update_id.to_hex(),
+            }),
+            RecordOutcome::IdTaken { .. } => Err(CoreError::UpdateIdTaken {
+                id: record.update_id.to_hex(),
+            }),
+        }
+    }
+
+    /// Decodes the stored payload against the base layout and returns its L2 norm.
+    async fn decode_norm(&self) -> Result<f64, CoreError> {
+        let path = self.incoming.path().to_path_buf();
+        let round = self.round.clone();
+        blocking(move || {
+            let file = std::fs::File::open(&path).map_err(|e| CoreError::Internal(format!(
+                "cannot reopen upload {}: {e}",
+                path.display()
+            )))?;
+            let mut sink = SquareSum(0.0);
+            delta::decode(file, &round.layout, Some(round.record.plan.codec), &mut sink)
+                .map_err(CoreError::from_delta)?;
+            Ok(sink.0.sqrt())
+        })
+        .await
+    }
+
+    /// `Ok(Some(scale))` when the delta is to be clipped, an error when refused.
+    fn norm_verdict(&self, norm: f64) -> Result<Option<f32>, CoreError> {
+        let Some(bound) = self.hub.limits.delta_norm_bound else {
+            return Ok(None);
+        };
+        match (clip_scale(norm, bound), self.hub.limits.norm_action) {
+            (None, _) => Ok(None),
+            (Some(_), NormAction::Reject) => Err(CoreError::NormExceeded { norm, bound }),
+            (Some(scale), NormAction::Clip) => Ok(Some(scale)),
+        }
+    }
+}
+
+/// Sum of squares of every value, in stream order.
+struct SquareSum(f64);
+
+impl DeltaSink for SquareSum {
+    fn values(&mut self, _name: &str, _offset: usize, values: &[f32]) {
+        self.0 += values.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+    }
+}
+
+/// Runs blocking work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CoreError> + Send + 'static,
+) -> Result<T, CoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoreError::Internal(format!("a blocking task failed: {e}")))?
+}
