@@ -157,7 +157,9 @@ impl Detector {
         let mut outs = self.module.forward(images, train)?.into_iter();
         match (outs.next(), outs.next()) {
             (Some(heatmap), Some(boxes)) => Ok(HeadOutput { heatmap, boxes }),
-            _ => Err(DetectorError::Batch("the graph has fewer than two outputs".into())),
+            _ => Err(DetectorError::Batch(
+                "the graph has fewer than two outputs".into(),
+            )),
         }
     }
 

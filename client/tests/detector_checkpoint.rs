@@ -85,7 +85,9 @@ fn refuses_another_architecture_and_foreign_files() {
 
     let foreign = dir.path().join("foreign.safetensors");
     state.save_safetensors(&foreign, &BTreeMap::new()).unwrap();
-    let err = Detector::load_checkpoint(&foreign, Device::Cpu).err().unwrap();
+    let err = Detector::load_checkpoint(&foreign, Device::Cpu)
+        .err()
+        .unwrap();
     assert!(
         err.to_string().contains("not a fedinspect checkpoint"),
         "{err}"
@@ -107,12 +109,9 @@ fn state_includes_batchnorm_running_statistics() {
     let graph = arch().graph().unwrap();
     assert_eq!(state.num_params(), graph.num_values());
     assert!(state.get("backbone.stem.bn.running_var").is_some());
-    assert_eq!(
-        state.names().collect::<Vec<_>>(),
-        {
-            let mut v: Vec<String> = graph.params().into_iter().map(|p| p.name).collect();
-            v.sort();
-            v
-        }
-    );
+    assert_eq!(state.names().collect::<Vec<_>>(), {
+        let mut v: Vec<String> = graph.params().into_iter().map(|p| p.name).collect();
+        v.sort();
+        v
+    });
 }

@@ -94,7 +94,10 @@ fn callback_can_cancel_and_the_state_is_still_checkpointed() {
     .unwrap();
     assert_eq!((report.steps, report.reason), (3, StopReason::Cancelled));
     let (loaded, info) = Detector::load_checkpoint(&path, Device::Cpu).unwrap();
-    assert_eq!(info.epoch, 2, "two full epochs of one batch, the third cancelled");
+    assert_eq!(
+        info.epoch, 2,
+        "two full epochs of one batch, the third cancelled"
+    );
     assert_eq!(
         loaded.state().unwrap().content_hash(),
         det.state().unwrap().content_hash()
@@ -116,7 +119,13 @@ fn resumes_from_a_checkpoint_epoch() {
         checkpoint: Some(policy.clone()),
         ..config(Stop::Epochs(2))
     };
-    train(&mut det, &mut data, &cfg, &mut |_| ControlFlow::Continue(())).unwrap();
+    train(
+        &mut det,
+        &mut data,
+        &cfg,
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
 
     let (mut resumed, info) = Detector::load_checkpoint(&path, Device::Cpu).unwrap();
     assert_eq!(info.epoch, 2);
@@ -133,7 +142,13 @@ fn resumes_from_a_checkpoint_epoch() {
     .unwrap();
     assert_eq!(epochs, [2, 3]);
     assert_eq!(report.epochs_completed, 4);
-    assert_eq!(Detector::load_checkpoint(&path, Device::Cpu).unwrap().1.epoch, 4);
+    assert_eq!(
+        Detector::load_checkpoint(&path, Device::Cpu)
+            .unwrap()
+            .1
+            .epoch,
+        4
+    );
 }
 
 #[test]
@@ -151,14 +166,21 @@ fn fedprox_keeps_weights_near_the_reference() {
             ..config(Stop::Steps(15))
         };
         let mut source = FixedBatches(data.clone());
-        train(&mut det, &mut source, &cfg, &mut |_| ControlFlow::Continue(())).unwrap();
+        train(&mut det, &mut source, &cfg, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
         let state = det.state().unwrap();
         state
             .iter()
             .filter(|(name, _)| !name.contains("running_"))
             .map(|(name, t)| {
                 let r = reference.get(name).unwrap().data();
-                t.data().iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()
+                t.data()
+                    .iter()
+                    .zip(r)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
             })
             .sum::<f32>()
     };
@@ -188,6 +210,12 @@ fn fedprox_refuses_a_reference_of_another_architecture() {
         ..config(Stop::Steps(1))
     };
     let mut data = FixedBatches(vec![rectangles(1, 2, 64, 1, 2, 4)]);
-    let err = train(&mut det, &mut data, &cfg, &mut |_| ControlFlow::Continue(())).unwrap_err();
+    let err = train(
+        &mut det,
+        &mut data,
+        &cfg,
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("FedProx reference"), "{err}");
 }

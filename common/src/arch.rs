@@ -139,7 +139,10 @@ pub enum Op {
     /// Nearest-neighbour upsampling by 2 in both spatial axes (ONNX Resize, nearest).
     Upsample2x,
     /// Max pooling with a square window, padding `kernel / 2`.
-    MaxPool { kernel: u32, stride: u32 },
+    MaxPool {
+        kernel: u32,
+        stride: u32,
+    },
     /// `[N, C, H, W]` to `[N, C, H*W]` (ONNX Reshape).
     FlattenSpatial,
     /// Swaps the last two axes of `[N, A, B]` (ONNX Transpose, perm 0,2,1).
@@ -147,7 +150,9 @@ pub enum Op {
     /// Batched matrix product `[N, A, B] x [N, B, C]`.
     MatMul,
     /// Multiplication by a constant (ONNX Mul).
-    Scale { factor: f32 },
+    Scale {
+        factor: f32,
+    },
     /// Softmax over the last axis.
     Softmax,
     /// Reshapes its first input to the shape of its second (ONNX Shape + Reshape): turns
@@ -201,7 +206,9 @@ pub struct ParamSpec {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ParamInit {
     /// Uniform in `[-bound, bound]`.
-    Uniform { bound: f32 },
+    Uniform {
+        bound: f32,
+    },
     Const(f32),
 }
 
@@ -216,7 +223,10 @@ impl ArchConfig {
             ));
         }
         if !(1..=1000).contains(&self.num_classes) {
-            problems.push(format!("num_classes is {}; use 1 to 1000", self.num_classes));
+            problems.push(format!(
+                "num_classes is {}; use 1 to 1000",
+                self.num_classes
+            ));
         }
         if self.input_size == 0 || self.input_size % MAX_STRIDE != 0 || self.input_size > 4096 {
             problems.push(format!(
@@ -230,7 +240,10 @@ impl ArchConfig {
         if !(self.depth.is_finite() && (0.25..=4.0).contains(&self.depth)) {
             problems.push(format!("depth is {}; use 0.25 to 4", self.depth));
         }
-        for (field, v) in [("fpn_width", self.fpn_width), ("head_width", self.head_width)] {
+        for (field, v) in [
+            ("fpn_width", self.fpn_width),
+            ("head_width", self.head_width),
+        ] {
             if !(8..=1024).contains(&v) {
                 problems.push(format!("{field} is {v}; use 8 to 1024"));
             }

@@ -3,14 +3,15 @@
 //! Everything here is plain, synchronous Rust with no I/O beyond files the caller names:
 //! model state and its safetensors form ([`model`]), weight deltas and their wire codecs
 //! ([`delta`]), federated averaging ([`fedavg`]), Ed25519 signing ([`signing`]), mutual TLS
-//! configuration ([`tls`]) and the development PKI ([`pki`]). Nothing in this crate knows
-//! about gRPC, sled or images.
+//! configuration ([`tls`]), the signed model and update manifests ([`manifests`]) and the
+//! development PKI ([`pki`]). Nothing in this crate knows about gRPC, sled or images.
 
 pub mod arch;
 pub mod delta;
 pub mod detection;
 pub mod fedavg;
 pub mod fsutil;
+pub mod manifests;
 pub mod model;
 pub mod pki;
 pub mod signing;

@@ -259,8 +259,10 @@ impl ModelState {
         metadata: &BTreeMap<String, String>,
     ) -> Result<Vec<u8>, ModelError> {
         let views = self.views();
-        let meta: HashMap<String, String> =
-            metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let meta: HashMap<String, String> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let meta = if meta.is_empty() { None } else { Some(meta) };
         safetensors::tensor::serialize(views, meta).map_err(|e| ModelError::NotSafetensors {
             path: "<memory>".into(),
@@ -282,9 +284,7 @@ impl ModelState {
     }
 
     /// Reads a safetensors file; every tensor must be float32 and finite.
-    pub fn load_safetensors(
-        path: &Path,
-    ) -> Result<(Self, BTreeMap<String, String>), ModelError> {
+    pub fn load_safetensors(path: &Path) -> Result<(Self, BTreeMap<String, String>), ModelError> {
         let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
             path: path.display().to_string(),
             source,
@@ -401,8 +401,11 @@ mod tests {
 
     fn sample() -> ModelState {
         let mut m = ModelState::new();
-        m.insert("b.bias", Tensor::new(vec![3], vec![0.5, -1.0, 2.0]).unwrap())
-            .unwrap();
+        m.insert(
+            "b.bias",
+            Tensor::new(vec![3], vec![0.5, -1.0, 2.0]).unwrap(),
+        )
+        .unwrap();
         m.insert(
             "a.weight",
             Tensor::new(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap(),
@@ -431,10 +434,16 @@ mod tests {
         m.get_mut("a.weight").unwrap().data_mut()[0] = 1.5;
         assert_ne!(m.content_hash(), base);
         let mut m = ModelState::new();
-        m.insert("b.bias", Tensor::new(vec![3], vec![0.5, -1.0, 2.0]).unwrap())
-            .unwrap();
-        m.insert("a.weight", Tensor::new(vec![4], vec![1.0, 2.0, 3.0, 4.0]).unwrap())
-            .unwrap();
+        m.insert(
+            "b.bias",
+            Tensor::new(vec![3], vec![0.5, -1.0, 2.0]).unwrap(),
+        )
+        .unwrap();
+        m.insert(
+            "a.weight",
+            Tensor::new(vec![4], vec![1.0, 2.0, 3.0, 4.0]).unwrap(),
+        )
+        .unwrap();
         assert_ne!(m.content_hash(), base, "reshaping must change the hash");
     }
 

@@ -78,7 +78,10 @@ impl ModelState {
         }
         for (name, var) in &vars {
             let expected = usize_shape(name, &var.size())?;
-            let got = self.get(name).map(|t| t.shape().to_vec()).unwrap_or_default();
+            let got = self
+                .get(name)
+                .map(|t| t.shape().to_vec())
+                .unwrap_or_default();
             if expected != got {
                 return Err(TorchError::ShapeMismatch {
                     name: name.clone(),
@@ -213,6 +216,10 @@ mod tests {
         let before = ModelState::from_var_store(&target).unwrap();
         let err = reshaped.load_into_var_store(&mut target).unwrap_err();
         assert!(matches!(err, TorchError::ShapeMismatch { ref name, .. } if name == "conv.weight"));
-        assert_eq!(ModelState::from_var_store(&target).unwrap(), before, "nothing written");
+        assert_eq!(
+            ModelState::from_var_store(&target).unwrap(),
+            before,
+            "nothing written"
+        );
     }
 }

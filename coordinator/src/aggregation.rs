@@ -71,8 +71,11 @@ mod tests {
 
     fn model(values: &[f32]) -> ModelState {
         let mut m = ModelState::new();
-        m.insert("w", Tensor::new(vec![values.len()], values.to_vec()).unwrap())
-            .unwrap();
+        m.insert(
+            "w",
+            Tensor::new(vec![values.len()], values.to_vec()).unwrap(),
+        )
+        .unwrap();
         m
     }
 
@@ -95,8 +98,18 @@ mod tests {
             BTreeMap::from([("loss".to_string(), 4.0), ("acc".to_string(), f64::NAN)]),
         );
         let inputs = [
-            Input { plant_id: "b", num_samples: 3, delta: &d2, metrics: &m2 },
-            Input { plant_id: "a", num_samples: 1, delta: &d1, metrics: &m1 },
+            Input {
+                plant_id: "b",
+                num_samples: 3,
+                delta: &d2,
+                metrics: &m2,
+            },
+            Input {
+                plant_id: "a",
+                num_samples: 1,
+                delta: &d1,
+                metrics: &m1,
+            },
         ];
         let out = aggregate(&FedAvg, &base, &inputs).unwrap();
         // (1·1 + 3·4)/4 = 3.25 and (1·0 + 3·2)/4 = 1.5, added to the base.

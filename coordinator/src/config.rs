@@ -122,7 +122,10 @@ pub enum ConfigError {
     #[error("config file {} is not valid TOML for the coordinator: {message}", path.display())]
     Parse { path: PathBuf, message: String },
     #[error("config file {} has {} problem(s):\n  - {}", path.display(), problems.len(), problems.join("\n  - "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 impl Default for RoundPolicy {
@@ -184,9 +187,14 @@ impl Config {
         let mut p = Problems::default();
         let listen = match raw.listen.as_deref() {
             None => p.missing("listen", "the address to serve on, e.g. \"0.0.0.0:50051\""),
-            Some(s) => s.parse::<SocketAddr>().map_err(|_| {
-                p.push(format!("listen: '{s}' is not an address with a port, e.g. \"0.0.0.0:50051\""))
-            }).ok(),
+            Some(s) => s
+                .parse::<SocketAddr>()
+                .map_err(|_| {
+                    p.push(format!(
+                        "listen: '{s}' is not an address with a port, e.g. \"0.0.0.0:50051\""
+                    ))
+                })
+                .ok(),
         };
         let data_dir = match raw.data_dir {
             None => p.missing("data_dir", "the folder for the database and blobs"),
@@ -208,19 +216,22 @@ impl Config {
         let round = round_policy(raw.round, &mut p);
         let limits = limits(raw.limits, &mut p);
         match (listen, data_dir, ca, cert, key, signing_key) {
-            (Some(listen), Some(data_dir), Some(ca_cert), Some(cert), Some(key), Some(signing_key))
-                if p.0.is_empty() =>
-            {
-                Ok(Config {
-                    listen,
-                    data_dir,
-                    tls: TlsFiles { ca_cert, cert, key },
-                    signing_key,
-                    initial_model,
-                    round,
-                    limits,
-                })
-            }
+            (
+                Some(listen),
+                Some(data_dir),
+                Some(ca_cert),
+                Some(cert),
+                Some(key),
+                Some(signing_key),
+            ) if p.0.is_empty() => Ok(Config {
+                listen,
+                data_dir,
+                tls: TlsFiles { ca_cert, cert, key },
+                signing_key,
+                initial_model,
+                round,
+                limits,
+            }),
             _ => Err(p.0),
         }
     }
@@ -251,11 +262,15 @@ fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
     }
     let learning_rate = raw.learning_rate.unwrap_or(d.learning_rate);
     if !(learning_rate.is_finite() && learning_rate > 0.0) {
-        p.push(format!("round.learning_rate: {learning_rate} must be a positive number"));
+        p.push(format!(
+            "round.learning_rate: {learning_rate} must be a positive number"
+        ));
     }
     let fedprox_mu = raw.fedprox_mu.unwrap_or(d.fedprox_mu);
     if !(fedprox_mu.is_finite() && fedprox_mu >= 0.0) {
-        p.push(format!("round.fedprox_mu: {fedprox_mu} must be 0 (plain FedAvg) or positive"));
+        p.push(format!(
+            "round.fedprox_mu: {fedprox_mu} must be 0 (plain FedAvg) or positive"
+        ));
     }
     let batch_size = raw.batch_size.unwrap_or(d.batch_size);
     if batch_size == 0 {
@@ -263,7 +278,9 @@ fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
     }
     let block = raw.q8_block.unwrap_or(DEFAULT_Q8_BLOCK);
     if !(1..=MAX_Q8_BLOCK).contains(&block) {
-        p.push(format!("round.q8_block: {block} is outside 1..={MAX_Q8_BLOCK}"));
+        p.push(format!(
+            "round.q8_block: {block} is outside 1..={MAX_Q8_BLOCK}"
+        ));
     }
     let codec = match raw.codec.as_deref() {
         None => d.codec,
@@ -271,7 +288,9 @@ fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
         Some("f16") => Codec::F16,
         Some("q8") => Codec::Q8 { block },
         Some(other) => {
-            p.push(format!("round.codec: '{other}' is not a codec; use f32, f16 or q8"));
+            p.push(format!(
+                "round.codec: '{other}' is not a codec; use f32, f16 or q8"
+            ));
             d.codec
         }
     };
@@ -310,7 +329,9 @@ fn limits(raw: RawLimits, p: &mut Problems) -> Limits {
         None | Some("reject") => NormAction::Reject,
         Some("clip") => NormAction::Clip,
         Some(other) => {
-            p.push(format!("limits.norm_action: '{other}' is not an action; use reject or clip"));
+            p.push(format!(
+                "limits.norm_action: '{other}' is not an action; use reject or clip"
+            ));
             NormAction::Reject
         }
     };
@@ -343,7 +364,12 @@ impl Problems {
         None
     }
 
-    fn existing_file(&mut self, base: &Path, field: &str, value: Option<PathBuf>) -> Option<PathBuf> {
+    fn existing_file(
+        &mut self,
+        base: &Path,
+        field: &str,
+        value: Option<PathBuf>,
+    ) -> Option<PathBuf> {
         let Some(value) = value else {
             return self.missing(field, "a file path (see coordinator.example.toml)");
         };
@@ -361,97 +387,4 @@ impl Problems {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn files(dir: &Path) {
-        for f in ["ca.pem", "c.pem", "c.key", "s.key"] {
-            std::fs::write(dir.join(f), "x").unwrap();
-        }
-    }
-
-    const MINIMAL: &str = r#"
-        listen = "127.0.0.1:0"
-        data_dir = "data"
-        signing_key = "s.key"
-        [tls]
-        ca = "ca.pem"
-        cert = "c.pem"
-        key = "c.key"
-    "#;
-
-    #[test]
-    fn minimal_file_gets_defaults_and_resolved_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        files(dir.path());
-        let raw: RawConfig = toml::from_str(MINIMAL).unwrap();
-        let c = Config::from_raw(raw, dir.path()).unwrap();
-        assert_eq!(c.data_dir, dir.path().join("data"));
-        assert_eq!(c.tls.ca_cert, dir.path().join("ca.pem"));
-        assert_eq!(c.round, RoundPolicy::default());
-        assert_eq!(c.limits, Limits::default());
-    }
-
-    #[test]
-    fn every_problem_is_reported_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let raw: RawConfig = toml::from_str(
-            r#"
-            listen = "nowhere"
-            [round]
-            min_participants = 3
-            target_participants = 2
-            learning_rate = -1.0
-            codec = "bf16"
-            q8_block = 0
-            [limits]
-            delta_norm_bound = 0.0
-            norm_action = "ignore"
-            "#,
-        )
-        .unwrap();
-        let problems = Config::from_raw(raw, dir.path()).unwrap_err();
-        let text = problems.join("\n");
-        for needle in [
-            "listen: 'nowhere'",
-            "data_dir: missing",
-            "tls.ca: missing",
-            "tls.cert: missing",
-            "tls.key: missing",
-            "signing_key: missing",
-            "target_participants: 2 is below",
-            "learning_rate",
-            "round.codec: 'bf16'",
-            "q8_block: 0",
-            "delta_norm_bound",
-            "norm_action: 'ignore'",
-        ] {
-            assert!(text.contains(needle), "missing '{needle}' in:\n{text}");
-        }
-        assert_eq!(problems.len(), 12, "{text}");
-    }
-
-    #[test]
-    fn q8_takes_the_block_size_and_clip_parses() {
-        let dir = tempfile::tempdir().unwrap();
-        files(dir.path());
-        let text = format!(
-            "{MINIMAL}\n[round]\ncodec = \"q8\"\nq8_block = 64\n[limits]\ndelta_norm_bound = 5.0\nnorm_action = \"clip\"\n"
-        );
-        let c = Config::from_raw(toml::from_str(&text).unwrap(), dir.path()).unwrap();
-        assert_eq!(c.round.codec, Codec::Q8 { block: 64 });
-        assert_eq!(c.limits.delta_norm_bound, Some(5.0));
-        assert_eq!(c.limits.norm_action, NormAction::Clip);
-    }
-
-    #[test]
-    fn unknown_fields_are_refused() {
-        assert!(toml::from_str::<RawConfig>("[round]\nmin_participant = 2\n").is_err());
-    }
-
-    #[test]
-    fn example_file_parses() {
-        let text = include_str!("../coordinator.example.toml");
-        toml::from_str::<RawConfig>(text).unwrap();
-    }
-}
+mod tests;

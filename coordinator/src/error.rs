@@ -14,7 +14,9 @@ pub enum CoreError {
     ProtocolVersion { found: u32, supported: u32 },
     #[error("the request is malformed: {0}")]
     Malformed(String),
-    #[error("{role} certificates may not call this service; connect with a {expected} certificate")]
+    #[error(
+        "{role} certificates may not call this service; connect with a {expected} certificate"
+    )]
     WrongRole {
         role: &'static str,
         expected: &'static str,
@@ -25,12 +27,18 @@ pub enum CoreError {
     Revoked { plant: String, reason: String },
     #[error("plant '{0}' is not registered; call Register first")]
     NotRegistered(String),
+    #[error("no plant '{0}' ever registered; list plants with `coordinator admin plants`")]
+    UnknownPlant(String),
     #[error("no round is open; wait for the next train task")]
     NoRoundOpen,
     #[error("the update is for round {sent} but round {open} is open; train on the task of round {open}")]
     WrongRound { sent: u64, open: u64 },
     #[error("the update was trained from version {sent} but round {round} trains from version {expected}; download version {expected} and train again")]
-    StaleBase { sent: u64, expected: u64, round: u64 },
+    StaleBase {
+        sent: u64,
+        expected: u64,
+        round: u64,
+    },
     #[error("the update's base hash does not match version {version}; download version {version} again, it was altered or corrupted")]
     BaseHashMismatch { version: u64 },
     #[error("the update is encoded with {found} but round {round} asks for {expected}; encode the delta with {expected}")]
@@ -45,11 +53,15 @@ pub enum CoreError {
         round: u64,
         existing: String,
     },
+    #[error("the update's plant signature does not verify with the key plant '{plant}' registered ({reason}); sign the update manifest with the plant's registered key")]
+    PlantSignature { plant: String, reason: String },
     #[error("update id {id} was used by another plant; choose 16 fresh random bytes per update")]
     UpdateIdTaken { id: String },
     #[error("the update claims {found} samples, over the limit of {limit} per plant; report the size of the training split")]
     TooManySamples { found: u64, limit: u64 },
-    #[error("the update claims 0 samples; an update must come from training on at least one sample")]
+    #[error(
+        "the update claims 0 samples; an update must come from training on at least one sample"
+    )]
     ZeroSamples,
     #[error("the payload of {found} bytes is over the limit of {limit} bytes; use a smaller codec (q8) or ask the operator to raise limits.max_update_bytes")]
     PayloadTooLarge { found: u64, limit: u64 },

@@ -133,10 +133,10 @@ impl Hub {
     pub fn commit_update(&self, rec: &UpdateRecord) -> Result<RecordOutcome, CoreError> {
         let outcome = {
             let open = lock(&self.open);
-            if !open.as_ref().is_some_and(|o| o.record.round == rec.round) {
-                return Err(CoreError::RoundClosed { round: rec.round });
+            match open.as_ref() {
+                Some(o) if o.record.round == rec.round => self.store.record_update(rec)?,
+                _ => return Err(CoreError::RoundClosed { round: rec.round }),
             }
-            self.store.record_update(rec)?
         };
         self.notify();
         Ok(outcome)

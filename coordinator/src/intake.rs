@@ -1,14 +1,16 @@
 //! Admission of one plant update, in the order that keeps bad data out of the round: the
-//! header is checked against the open round and the limits ([`admit`]), the payload is written
-//! to a temporary file while it is hashed ([`Receiving::chunk`]), then its length and SHA-256
-//! are checked, it is decoded against the base layout (finite values, exact layout), its norm
-//! bounded, and only then is it moved into the blob store, recorded and acknowledged
-//! ([`Receiving::finish`]).
+//! header is checked against the plant's registered signing key, the open round and the
+//! limits ([`admit`]), the payload is written to a temporary file while it is hashed
+//! ([`Receiving::chunk`]), then its length and SHA-256 are checked, it is decoded against the
+//! base layout (finite values, exact layout), its norm bounded, and only then is it moved into
+//! the blob store, recorded and acknowledged ([`Receiving::finish`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fedinspect_common::delta::{self, Codec, DeltaSink};
+use fedinspect_common::manifests::{UpdateManifest, UPDATE_KIND};
+use fedinspect_common::signing::{VerifyingKey, PUBLIC_KEY_LEN};
 use fedinspect_common::ModelHash;
 
 use crate::aggregation::clip_scale;
@@ -89,7 +91,11 @@ impl WireCodec {
 }
 
 /// Checks `header` from `plant` against its registration, the open round and the limits.
-pub async fn admit(hub: &Arc<Hub>, plant: &str, header: UpdateHeader) -> Result<Admission, CoreError> {
+pub async fn admit(
+    hub: &Arc<Hub>,
+    plant: &str,
+    header: UpdateHeader,
+) -> Result<Admission, CoreError> {
     check_protocol(header.protocol_version)?;
     let record = hub
         .store
@@ -109,6 +115,7 @@ pub async fn admit(hub: &Arc<Hub>, plant: &str, header: UpdateHeader) -> Result<
             id: header.update_id.to_hex(),
         });
     }
+    check_plant_signature(plant, &record.plant_public_key, &header)?;
     let round = hub.open_round().ok_or(CoreError::NoRoundOpen)?;
     check_against_round(hub, plant, &header, &round)?;
     let incoming = hub.blobs.incoming().await?;
@@ -127,6 +134,30 @@ pub fn check_protocol(found: u32) -> Result<(), CoreError> {
         return Err(CoreError::ProtocolVersion { found, supported });
     }
     Ok(())
+}
+
+/// Checks the header's signature over its [`UpdateManifest`] when the plant registered a key.
+fn check_plant_signature(plant: &str, key: &[u8], h: &UpdateHeader) -> Result<(), CoreError> {
+    let Ok(key) = <[u8; PUBLIC_KEY_LEN]>::try_from(key) else {
+        return Ok(()); // registered without a key (checked to be empty or 32 bytes)
+    };
+    let manifest = UpdateManifest {
+        kind: UPDATE_KIND.to_string(),
+        plant_id: plant.to_string(),
+        update_id: h.update_id.to_hex(),
+        round: h.round,
+        base_version: h.base_version,
+        base_hash: h.base_hash.to_hex(),
+        codec: h.codec.name().to_string(),
+        num_samples: h.num_samples,
+        payload_sha256: h.payload_sha256.to_hex(),
+    };
+    manifest
+        .verify(&VerifyingKey::from_bytes(key), &h.plant_signature)
+        .map_err(|e| CoreError::PlantSignature {
+            plant: plant.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 fn check_against_round(
@@ -267,11 +298,13 @@ impl Receiving {
                 record: existing,
                 duplicate: true,
             }),
-            RecordOutcome::PlantAlreadyContributed(existing) => Err(CoreError::AlreadyContributed {
-                plant: self.plant,
-                round: record.round,
-                existing: existing.update_id.to_hex(),
-            }),
+            RecordOutcome::PlantAlreadyContributed(existing) => {
+                Err(CoreError::AlreadyContributed {
+                    plant: self.plant,
+                    round: record.round,
+                    existing: existing.update_id.to_hex(),
+                })
+            }
             RecordOutcome::IdTaken { .. } => Err(CoreError::UpdateIdTaken {
                 id: record.update_id.to_hex(),
             }),
@@ -283,13 +316,17 @@ impl Receiving {
         let path = self.incoming.path().to_path_buf();
         let round = self.round.clone();
         blocking(move || {
-            let file = std::fs::File::open(&path).map_err(|e| CoreError::Internal(format!(
-                "cannot reopen upload {}: {e}",
-                path.display()
-            )))?;
+            let file = std::fs::File::open(&path).map_err(|e| {
+                CoreError::Internal(format!("cannot reopen upload {}: {e}", path.display()))
+            })?;
             let mut sink = SquareSum(0.0);
-            delta::decode(file, &round.layout, Some(round.record.plan.codec), &mut sink)
-                .map_err(CoreError::from_delta)?;
+            delta::decode(
+                file,
+                &round.layout,
+                Some(round.record.plan.codec),
+                &mut sink,
+            )
+            .map_err(CoreError::from_delta)?;
             Ok(sink.0.sqrt())
         })
         .await
@@ -313,7 +350,10 @@ struct SquareSum(f64);
 
 impl DeltaSink for SquareSum {
     fn values(&mut self, _name: &str, _offset: usize, values: &[f32]) {
-        self.0 += values.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+        self.0 += values
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>();
     }
 }
 

@@ -1,3 +1,226 @@
-//! (placeholder: being written)
+//! `coordinator`: serve a federation, store the initial model, or administer a running
+//! coordinator. `serve` is a fixed sequence: logging, config, build, spawn, wait for a signal
+//! (or a failure), drain with a deadline.
 
-fn main() {}
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fedinspect_common::pki::PkiLayout;
+use fedinspect_common::tls::TlsFiles;
+use fedinspect_coordinator::node::{open_storage, Coordinator};
+use fedinspect_coordinator::rpc::admin_client::{self, AdminCommand};
+use fedinspect_coordinator::versions::Versions;
+use fedinspect_coordinator::Config;
+
+/// How long a stopping coordinator waits for uploads and downloads in flight.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// The fedinspect coordinator: federated rounds, FedAvg, versioned signed models.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the federation and admin services and run rounds until stopped (Ctrl-C, SIGTERM).
+    Serve {
+        /// The coordinator.toml (see coordinator.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Store a safetensors checkpoint as model version 1 of an empty coordinator.
+    InitModel {
+        #[arg(long)]
+        config: PathBuf,
+        /// float32 safetensors checkpoint, named by VarStore paths.
+        #[arg(long = "from")]
+        from: PathBuf,
+    },
+    /// Query or change a running coordinator with an admin certificate.
+    Admin(AdminArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The coordinator's address.
+    #[arg(long, default_value = "https://127.0.0.1:50051")]
+    addr: String,
+    /// A PKI folder from `fedinspect-certs init`: uses its ca.pem, admin.pem and admin.key.
+    #[arg(long, required_unless_present_all = ["ca", "cert", "key"])]
+    pki: Option<PathBuf>,
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: AdminCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCmd {
+    /// Round, versions and plant counts.
+    Status,
+    /// Registered plants.
+    Plants,
+    /// Recent rounds, newest first.
+    Rounds {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Recent model versions, newest first.
+    Models {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Promote a version (needs eval_map50 at least the promoted one's, unless --force).
+    Promote {
+        version: u64,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Roll the promoted version back (to the previous promoted one unless --to).
+    Rollback {
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+    },
+    /// Refuse a plant from now on.
+    Revoke {
+        plant: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+fn main() -> Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Serve { config } => runtime.block_on(serve(config)),
+        Command::InitModel { config, from } => init_model(config, from),
+        Command::Admin(args) => runtime.block_on(admin(args)),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(config_path: PathBuf) -> Result<()> {
+    let config = Config::load(&config_path)?;
+    let coordinator = Coordinator::build(&config).context("cannot start the coordinator")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let mut running = coordinator.spawn(listener)?;
+    let failure = tokio::select! {
+        () = shutdown_signal() => None,
+        e = running.failed() => Some(e),
+    };
+    tracing::info!("stopping: draining connections");
+    let stopped = running.stop(DRAIN).await;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    stopped?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_model(config_path: PathBuf, from: PathBuf) -> Result<()> {
+    let config = Config::load(&config_path)?;
+    let (store, blobs, signer) = open_storage(&config)?;
+    let versions = Versions {
+        store: &store,
+        blobs: &blobs,
+        signer: &signer,
+    };
+    let v1 = versions
+        .init(&from)
+        .with_context(|| format!("cannot store {} as version 1", from.display()))?;
+    println!(
+        "version {} stored: content hash {}, {} bytes",
+        v1.version, v1.content_hash.0, v1.size_bytes
+    );
+    Ok(())
+}
+
+async fn admin(args: AdminArgs) -> Result<()> {
+    let files = admin_files(&args)?;
+    let command = match args.command {
+        AdminCmd::Status => AdminCommand::Status,
+        AdminCmd::Plants => AdminCommand::Plants,
+        AdminCmd::Rounds { limit } => AdminCommand::Rounds { limit },
+        AdminCmd::Models { limit } => AdminCommand::Models { limit },
+        AdminCmd::Promote { version, force } => AdminCommand::Promote { version, force },
+        AdminCmd::Rollback { to } => AdminCommand::Rollback { to },
+        AdminCmd::Revoke { plant, reason } => AdminCommand::Revoke { plant, reason },
+    };
+    let value = admin_client::run(&args.addr, &files, command).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", admin_client::render_text(&value));
+    }
+    Ok(())
+}
+
+/// The admin's TLS files: explicit paths override those of `--pki`.
+fn admin_files(args: &AdminArgs) -> Result<TlsFiles> {
+    let from_pki = args
+        .pki
+        .as_ref()
+        .map(|dir| PkiLayout::new(dir).admin_files());
+    let pick = |explicit: &Option<PathBuf>, pki: Option<PathBuf>, what: &str| {
+        explicit
+            .clone()
+            .or(pki)
+            .with_context(|| format!("no admin {what} file; pass --pki DIR or --{what}"))
+    };
+    Ok(TlsFiles {
+        ca_cert: pick(&args.ca, from_pki.as_ref().map(|f| f.ca_cert.clone()), "ca")?,
+        cert: pick(
+            &args.cert,
+            from_pki.as_ref().map(|f| f.cert.clone()),
+            "cert",
+        )?,
+        key: pick(&args.key, from_pki.as_ref().map(|f| f.key.clone()), "key")?,
+    })
+}

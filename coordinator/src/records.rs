@@ -36,6 +36,9 @@ pub struct PlantRecord {
     pub registered_unix_ms: i64,
     pub last_seen_unix_ms: i64,
     pub revoked: Option<Revocation>,
+    /// Ed25519 key the plant signs updates with (32 bytes), empty when it registered none.
+    #[serde(default, with = "hex_bytes")]
+    pub plant_public_key: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

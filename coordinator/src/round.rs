@@ -163,7 +163,11 @@ impl RoundDriver {
     /// Waits for `target_participants` accepted updates or the deadline.
     async fn collect(&mut self, open: &OpenRound) -> Result<Collected, CoreError> {
         let mut events = self.hub.subscribe();
-        let left_ms = open.record.deadline_unix_ms.saturating_sub(now_unix_ms()).max(0);
+        let left_ms = open
+            .record
+            .deadline_unix_ms
+            .saturating_sub(now_unix_ms())
+            .max(0);
         let deadline = Instant::now() + Duration::from_millis(left_ms.unsigned_abs());
         let target = self.hub.policy.target_participants as usize;
         loop {
@@ -216,9 +220,11 @@ impl RoundDriver {
                 );
                 Ok(())
             }
-            Err(e @ (CoreError::Aggregation(_) | CoreError::BadDelta(_) | CoreError::Truncated { .. })) => {
-                self.fail(record, e.to_string()).await
-            }
+            Err(
+                e @ (CoreError::Aggregation(_)
+                | CoreError::BadDelta(_)
+                | CoreError::Truncated { .. }),
+            ) => self.fail(record, e.to_string()).await,
             Err(e) => Err(e),
         }
     }

@@ -42,7 +42,11 @@ impl Versions<'_> {
     /// Stores `new` durably: blob, then the record together with `round` (its round's final
     /// state) in one transaction, then a flush. Storing the same version again after a crash
     /// is a no-op.
-    pub fn store(&self, new: NewVersion<'_>, round: Option<&RoundRecord>) -> Result<ModelRecord, CoreError> {
+    pub fn store(
+        &self,
+        new: NewVersion<'_>,
+        round: Option<&RoundRecord>,
+    ) -> Result<ModelRecord, CoreError> {
         let meta = serde_json::json!({
             "version": new.version,
             "parent": new.parent,
@@ -101,7 +105,9 @@ impl Versions<'_> {
         if let Some(latest) = self.store.latest_model()? {
             let first = self.store.model(1)?;
             return match first {
-                Some(v1) if latest.version == 1 && v1.content_hash.0 == model.content_hash() => Ok(v1),
+                Some(v1) if latest.version == 1 && v1.content_hash.0 == model.content_hash() => {
+                    Ok(v1)
+                }
                 _ => Err(CoreError::AlreadyInitialised(latest.version)),
             };
         }

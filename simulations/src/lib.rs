@@ -2,3 +2,4 @@
 //! drive the real client and coordinator code over them.
 
 pub mod synthetic;
+pub mod quickstart;

@@ -45,13 +45,19 @@ impl Detector {
         };
         let mut meta = BTreeMap::new();
         meta.insert(META_FORMAT.to_string(), FORMAT.to_string());
-        meta.insert(META_ARCH.to_string(), json(serde_json::to_string(self.arch()))?);
+        meta.insert(
+            META_ARCH.to_string(),
+            json(serde_json::to_string(self.arch()))?,
+        );
         meta.insert(
             META_CLASSES.to_string(),
             json(serde_json::to_string(self.class_names()))?,
         );
         if let Some(pre) = &info.preprocess {
-            meta.insert(META_PREPROCESS.to_string(), json(serde_json::to_string(pre))?);
+            meta.insert(
+                META_PREPROCESS.to_string(),
+                json(serde_json::to_string(pre))?,
+            );
         }
         meta.insert(META_EPOCH.to_string(), info.epoch.to_string());
         meta.insert(
@@ -73,8 +79,11 @@ impl Detector {
             reason,
         };
         let get = |key: &str| {
-            meta.get(key)
-                .ok_or_else(|| bad(format!("metadata lacks '{key}'; not a fedinspect checkpoint")))
+            meta.get(key).ok_or_else(|| {
+                bad(format!(
+                    "metadata lacks '{key}'; not a fedinspect checkpoint"
+                ))
+            })
         };
         let format = get(META_FORMAT)?;
         if format != FORMAT {
@@ -82,8 +91,8 @@ impl Detector {
                 "format '{format}', this build reads '{FORMAT}'; convert or retrain it"
             )));
         }
-        let arch: ArchConfig = serde_json::from_str(get(META_ARCH)?)
-            .map_err(|e| bad(format!("architecture: {e}")))?;
+        let arch: ArchConfig =
+            serde_json::from_str(get(META_ARCH)?).map_err(|e| bad(format!("architecture: {e}")))?;
         let classes: Vec<String> = serde_json::from_str(get(META_CLASSES)?)
             .map_err(|e| bad(format!("class names: {e}")))?;
         let preprocess = meta
@@ -94,8 +103,8 @@ impl Detector {
         let epoch = get(META_EPOCH)?
             .parse()
             .map_err(|e| bad(format!("epoch: {e}")))?;
-        let metrics = serde_json::from_str(get(META_METRICS)?)
-            .map_err(|e| bad(format!("metrics: {e}")))?;
+        let metrics =
+            serde_json::from_str(get(META_METRICS)?).map_err(|e| bad(format!("metrics: {e}")))?;
         let detector = Detector::from_state(arch, classes, &state, device)?;
         Ok((
             detector,

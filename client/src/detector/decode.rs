@@ -117,12 +117,7 @@ mod tests {
         let (h, w) = (16, 16);
         // Two objects: class 1 at cell (y 3, x 4), class 0 at cell (10, 12); a weaker
         // neighbour of the first peak that max-pooling must suppress.
-        let hm = heatmap(
-            2,
-            h,
-            w,
-            &[(1, 3, 4, 3.0), (1, 3, 5, 1.0), (0, 10, 12, 0.0)],
-        );
+        let hm = heatmap(2, h, w, &[(1, 3, 4, 3.0), (1, 3, 5, 1.0), (0, 10, 12, 0.0)]);
         let mut b = vec![0f32; 4 * h * w];
         let set = |b: &mut Vec<f32>, y: usize, x: usize, vals: [f32; 4]| {
             for (c, v) in vals.into_iter().enumerate() {

@@ -44,10 +44,7 @@ pub fn focal_loss(logits: &Tensor, gt: &Tensor) -> Result<Tensor, TchError> {
     let pos = gt.f_eq(1.0)?.f_to_kind(Kind::Float)?;
     let neg = pos.f_neg()?.f_add_scalar(1.0)?;
     let one_minus_p = p.f_neg()?.f_add_scalar(1.0)?;
-    let pos_loss = p
-        .f_log()?
-        .f_mul(&one_minus_p.f_square()?)?
-        .f_mul(&pos)?;
+    let pos_loss = p.f_log()?.f_mul(&one_minus_p.f_square()?)?.f_mul(&pos)?;
     let neg_weight = gt.f_neg()?.f_add_scalar(1.0)?.f_pow_tensor_scalar(4)?;
     let neg_loss = one_minus_p
         .f_log()?

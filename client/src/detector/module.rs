@@ -287,7 +287,12 @@ mod tests {
         assert_eq!(out[0].size(), [2, 6, 16, 24]);
         assert_eq!(out[1].size(), [2, 4, 16, 24]);
         let bias = vs.root().sub("head").sub("heatmap").get("bias").unwrap();
-        assert!(bias.allclose(&Tensor::full([6], -2.19, (Kind::Float, Device::Cpu)), 0.0, 1e-6, false));
+        assert!(bias.allclose(
+            &Tensor::full([6], -2.19, (Kind::Float, Device::Cpu)),
+            0.0,
+            1e-6,
+            false
+        ));
     }
 
     #[test]
@@ -303,7 +308,15 @@ mod tests {
             in_channels: 1,
             nodes: vec![
                 node("input", Op::Input, &[], 1),
-                node("pool", Op::MaxPool { kernel: 3, stride: 2 }, &["input"], 1),
+                node(
+                    "pool",
+                    Op::MaxPool {
+                        kernel: 3,
+                        stride: 2,
+                    },
+                    &["input"],
+                    1,
+                ),
                 node("relu", Op::Relu, &["pool"], 1),
                 node("up", Op::Upsample2x, &["relu"], 1),
                 node("sig", Op::Sigmoid, &["input"], 1),
@@ -319,7 +332,12 @@ mod tests {
         let out = m.forward(&x, false).unwrap();
         assert_eq!(out[0].size(), [1, 2, 2, 2]);
         let up = out[0].i((0, 0));
-        assert!(up.allclose(&Tensor::full([2, 2], 4.0, (Kind::Float, Device::Cpu)), 0.0, 0.0, false));
+        assert!(up.allclose(
+            &Tensor::full([2, 2], 4.0, (Kind::Float, Device::Cpu)),
+            0.0,
+            0.0,
+            false
+        ));
         let sig = out[0].i((0, 1));
         assert!(sig.allclose(&x.sigmoid().view([2, 2]), 0.0, 1e-7, false));
         assert_eq!(out[1].size(), [1, 1, 2, 2]);

@@ -47,6 +47,8 @@ pub fn rectangles(
         width: size,
         annotations,
         letterboxes: vec![Letterbox::identity(size as u32, size as u32); batch],
-        ids: (0..batch).map(|i| format!("synthetic-{seed}-{i}")).collect(),
+        ids: (0..batch)
+            .map(|i| format!("synthetic-{seed}-{i}"))
+            .collect(),
     }
 }

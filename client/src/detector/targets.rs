@@ -158,7 +158,10 @@ mod tests {
         assert_eq!((peak / 16, peak % 16), (10, 5));
         assert_eq!(hm1.iter().filter(|&&v| v == 1.0).count(), 1);
         assert!(hm1[10 * 16 + 6] > 0.5 && hm1[10 * 16 + 6] < 1.0);
-        assert!(t.heatmap[..3 * plane].iter().all(|&v| v == 0.0), "other maps stay empty");
+        assert!(
+            t.heatmap[..3 * plane].iter().all(|&v| v == 0.0),
+            "other maps stay empty"
+        );
         let boxes = &t.boxes[4 * plane..];
         let at = |c: usize| boxes[c * plane + peak];
         assert_eq!([at(0), at(1), at(2), at(3)], [6.0, 6.0, 0.5, 0.5]);

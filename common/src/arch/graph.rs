@@ -73,10 +73,9 @@ impl Graph {
                     let fan_in = cin * k * k;
                     let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
                     let (w_init, b_init) = match *init {
-                        ConvInit::Default => (
-                            ParamInit::Uniform { bound },
-                            ParamInit::Uniform { bound },
-                        ),
+                        ConvInit::Default => {
+                            (ParamInit::Uniform { bound }, ParamInit::Uniform { bound })
+                        }
                         ConvInit::Zeros => (ParamInit::Const(0.0), ParamInit::Const(0.0)),
                         ConvInit::BiasConst(v) => {
                             (ParamInit::Uniform { bound }, ParamInit::Const(v))
@@ -177,8 +176,7 @@ impl Graph {
                     )),
                 }
             }
-            let shape = if inputs.len() == node.inputs.len() && inputs.iter().all(Option::is_some)
-            {
+            let shape = if inputs.len() == node.inputs.len() && inputs.iter().all(Option::is_some) {
                 let inputs: Vec<Shape> = inputs.into_iter().flatten().collect();
                 match output_shape(node, &inputs, self.in_channels, i) {
                     Ok(s) => Some(s),

@@ -108,7 +108,11 @@ fn config_round_trips_through_json_and_refuses_unknown_fields() {
 fn graph_round_trips_through_json() {
     let g = ArchConfig::default().graph().unwrap();
     let json = serde_json::to_string(&g).unwrap();
-    assert!(json.contains(r#""name":"head.heatmap","op":"conv""#), "{}", &json[..200]);
+    assert!(
+        json.contains(r#""name":"head.heatmap","op":"conv""#),
+        "{}",
+        &json[..200]
+    );
     assert_eq!(serde_json::from_str::<Graph>(&json).unwrap(), g);
 }
 
@@ -122,7 +126,10 @@ fn graph_validation_finds_broken_graphs() {
     g.nodes[1].inputs = vec!["head.box".into()];
     g.nodes.push(g.nodes[2].clone());
     let text = problems(&g);
-    assert!(text.contains("reads 'head.box', which is not an earlier node"), "{text}");
+    assert!(
+        text.contains("reads 'head.box', which is not an earlier node"),
+        "{text}"
+    );
     assert!(text.contains("'backbone.stem.bn' appears twice"), "{text}");
 
     let mut g = ArchConfig::default().graph().unwrap();
@@ -134,7 +141,10 @@ fn graph_validation_finds_broken_graphs() {
     g.nodes[2].channels = 7;
     g.outputs.push("nowhere".into());
     let text = problems(&g);
-    assert!(text.contains("'backbone.stem.bn' declares 7 channels but computes 16"), "{text}");
+    assert!(
+        text.contains("'backbone.stem.bn' declares 7 channels but computes 16"),
+        "{text}"
+    );
     assert!(text.contains("output 'nowhere' is not a node"), "{text}");
 }
 
@@ -144,7 +154,10 @@ fn heatmap_bias_starts_at_prior_and_attention_at_identity() {
     let params = g.params();
     let find = |n: &str| params.iter().find(|p| p.name == n).unwrap();
     assert_eq!(find("head.heatmap.bias").init, ParamInit::Const(-2.19));
-    assert_eq!(find("backbone.attn.proj.weight").init, ParamInit::Const(0.0));
+    assert_eq!(
+        find("backbone.attn.proj.weight").init,
+        ParamInit::Const(0.0)
+    );
     assert_eq!(
         find("backbone.stem.conv.weight").init,
         ParamInit::Uniform {

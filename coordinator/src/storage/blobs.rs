@@ -72,7 +72,10 @@ impl BlobStore {
         if Digest::of(&bytes) != *digest {
             return Err(StorageError::Blob {
                 path,
-                source: io::Error::new(io::ErrorKind::InvalidData, "content does not match its digest"),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "content does not match its digest",
+                ),
             });
         }
         Ok(bytes)
@@ -81,11 +84,15 @@ impl BlobStore {
     /// Starts writing an upload to a fresh temporary file.
     pub async fn incoming(&self) -> Result<Incoming, StorageError> {
         let mut tag = [0u8; 12];
-        ring::rand::SystemRandom::new().fill(&mut tag).map_err(|_| StorageError::Blob {
-            path: self.incoming_dir(),
-            source: io::Error::other("the system random source failed"),
-        })?;
-        let path = self.incoming_dir().join(format!("{}.part", hex::encode(tag)));
+        ring::rand::SystemRandom::new()
+            .fill(&mut tag)
+            .map_err(|_| StorageError::Blob {
+                path: self.incoming_dir(),
+                source: io::Error::other("the system random source failed"),
+            })?;
+        let path = self
+            .incoming_dir()
+            .join(format!("{}.part", hex::encode(tag)));
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -109,7 +116,9 @@ impl BlobStore {
 impl Incoming {
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
         let file = self.file.as_mut().expect("the file is open until sealed");
-        file.write_all(bytes).await.map_err(|e| blob_err(&self.path, e))?;
+        file.write_all(bytes)
+            .await
+            .map_err(|e| blob_err(&self.path, e))?;
         self.hash.update(bytes);
         self.len += bytes.len() as u64;
         Ok(())
@@ -150,7 +159,10 @@ impl Incoming {
         assert!(self.file.is_none(), "commit after sync");
         let digest = self.digest();
         let target = self.store.path_of(&digest);
-        let dir = target.parent().expect("blob paths have a folder").to_path_buf();
+        let dir = target
+            .parent()
+            .expect("blob paths have a folder")
+            .to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| blob_err(&dir, e))?;
         std::fs::rename(&self.path, &target).map_err(|e| blob_err(&target, e))?;
         fsutil::sync_dir(&dir).map_err(|e| blob_err(&dir, e))?;

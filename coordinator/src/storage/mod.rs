@@ -61,7 +61,9 @@ pub enum StorageError {
         found: u32,
         supported: u32,
     },
-    #[error("model version {0} already exists with other content; a published version never changes")]
+    #[error(
+        "model version {0} already exists with other content; a published version never changes"
+    )]
     VersionExists(u64),
     #[error("blob store error at {}: {source}; check the disk and the permissions of data_dir", path.display())]
     Blob {
@@ -69,7 +71,9 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
-    #[error("blob {0} is missing from the blob store; data_dir is incomplete, restore it from a backup")]
+    #[error(
+        "blob {0} is missing from the blob store; data_dir is incomplete, restore it from a backup"
+    )]
     MissingBlob(String),
 }
 
@@ -82,7 +86,9 @@ pub enum RecordOutcome {
     /// The plant already has another update in this round; nothing changed.
     PlantAlreadyContributed(UpdateRecord),
     /// The update id belongs to another plant's update; nothing changed.
-    IdTaken { plant_id: String },
+    IdTaken {
+        plant_id: String,
+    },
 }
 
 /// The sled database of a coordinator.
@@ -313,7 +319,11 @@ impl Store {
         self.get(&self.updates, "updates", &key)
     }
 
-    pub fn update_for(&self, round: u64, plant_id: &str) -> Result<Option<UpdateRecord>, StorageError> {
+    pub fn update_for(
+        &self,
+        round: u64,
+        plant_id: &str,
+    ) -> Result<Option<UpdateRecord>, StorageError> {
         self.get(&self.updates, "updates", &update_key(round, plant_id))
     }
 
@@ -356,7 +366,12 @@ impl Store {
         })
     }
 
-    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &[u8], rec: &T) -> Result<(), StorageError> {
+    fn put<T: Serialize>(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        rec: &T,
+    ) -> Result<(), StorageError> {
         tree.insert(key, encode(rec)).map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -380,12 +395,12 @@ impl Store {
         newest_first: bool,
         limit: usize,
     ) -> Result<Vec<T>, StorageError> {
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-            if newest_first {
-                Box::new(tree.iter().rev())
-            } else {
-                Box::new(tree.iter())
-            };
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if newest_first
+        {
+            Box::new(tree.iter().rev())
+        } else {
+            Box::new(tree.iter())
+        };
         iter.take(limit)
             .map(|item| {
                 let (k, v) = item.map_err(|e| self.err(e))?;
@@ -406,7 +421,11 @@ fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
     serde_json::to_vec(rec).expect("records serialise to JSON")
 }
 
-fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], value: &[u8]) -> Result<T, StorageError> {
+fn decode<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<T, StorageError> {
     serde_json::from_slice(value).map_err(|e| corrupt(tree, key, &e.to_string()))
 }
 

@@ -1,0 +1,209 @@
+//! What the admin service does, without protobuf: status and listings, promotion behind an
+//! evaluation gate, rollback, and plant revocation. Every change is audited.
+
+use std::sync::Arc;
+
+use crate::error::CoreError;
+use crate::hub::Hub;
+use crate::records::{now_unix_ms, ModelRecord, ModelStatus, PlantRecord, Revocation, RoundState};
+
+/// The metric a version must have, at least as high as the promoted one's, to be promoted
+/// without `force`.
+pub const GATE_METRIC: &str = "eval_map50";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusSnapshot {
+    pub current_round: u64,
+    pub round_state: Option<RoundState>,
+    pub latest_version: u64,
+    pub promoted_version: u64,
+    pub plants_registered: u32,
+    pub plants_connected: u32,
+}
+
+pub fn status(hub: &Hub) -> Result<StatusSnapshot, CoreError> {
+    let round = hub.store.latest_round()?;
+    let registered = hub
+        .store
+        .plants()?
+        .iter()
+        .filter(|p| p.revoked.is_none())
+        .count();
+    Ok(StatusSnapshot {
+        current_round: round.as_ref().map_or(0, |r| r.round),
+        round_state: round.map(|r| r.state),
+        latest_version: hub.store.latest_model()?.map_or(0, |m| m.version),
+        promoted_version: promoted(hub)?.map_or(0, |m| m.version),
+        plants_registered: u32::try_from(registered).unwrap_or(u32::MAX),
+        plants_connected: u32::try_from(hub.connected().len()).unwrap_or(u32::MAX),
+    })
+}
+
+/// Every plant with whether its task stream is open.
+pub fn plants(hub: &Hub) -> Result<Vec<(PlantRecord, bool)>, CoreError> {
+    let connected = hub.connected();
+    Ok(hub
+        .store
+        .plants()?
+        .into_iter()
+        .map(|p| {
+            let c = connected.contains(&p.plant_id);
+            (p, c)
+        })
+        .collect())
+}
+
+/// Promotes `version`. Without `force` the version must be a candidate with [`GATE_METRIC`]
+/// at least as high as the promoted version's.
+pub async fn promote(
+    hub: &Arc<Hub>,
+    admin: &str,
+    version: u64,
+    force: bool,
+) -> Result<ModelRecord, CoreError> {
+    let mut target = hub
+        .store
+        .model(version)?
+        .ok_or(CoreError::UnknownVersion(version))?;
+    let current = promoted(hub)?;
+    if current.as_ref().is_some_and(|c| c.version == version) {
+        return Ok(target);
+    }
+    if !force {
+        gate(&target, current.as_ref())?;
+    }
+    let mut changed = Vec::new();
+    if let Some(mut c) = current {
+        c.status = ModelStatus::Candidate;
+        changed.push(c);
+    }
+    target.status = ModelStatus::Promoted;
+    changed.push(target.clone());
+    let mut history = hub.store.promotion_history()?;
+    history.push(version);
+    hub.store.commit_promotion(&changed, &history)?;
+    hub.store.flush().await?;
+    hub.audit(
+        &format!("admin:{admin}"),
+        "promote",
+        &format!("version {version} promoted (force: {force})"),
+    );
+    Ok(target)
+}
+
+fn gate(target: &ModelRecord, current: Option<&ModelRecord>) -> Result<(), CoreError> {
+    let v = target.version;
+    if target.status == ModelStatus::RolledBack {
+        return Err(CoreError::AdminRefused(format!(
+            "version {v} was rolled back; pass --force to promote it again"
+        )));
+    }
+    let Some(score) = target.metrics.get(GATE_METRIC) else {
+        return Err(CoreError::AdminRefused(format!(
+            "version {v} has no {GATE_METRIC} evaluation yet; evaluate it first or pass --force"
+        )));
+    };
+    if let Some(best) = current.and_then(|c| c.metrics.get(GATE_METRIC)) {
+        if score < best {
+            return Err(CoreError::AdminRefused(format!(
+                "version {v} has {GATE_METRIC} {score}, below the promoted version's {best}; pass --force to promote it anyway"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Rolls the promoted version back to `to`, or with `to == 0` to the previous promoted
+/// version that was not rolled back.
+pub async fn rollback(hub: &Arc<Hub>, admin: &str, to: u64) -> Result<ModelRecord, CoreError> {
+    let mut current = promoted(hub)?.ok_or_else(|| {
+        CoreError::AdminRefused("no version is promoted, so there is nothing to roll back".into())
+    })?;
+    let history = hub.store.promotion_history()?;
+    let mut target = if to != 0 {
+        hub.store.model(to)?.ok_or(CoreError::UnknownVersion(to))?
+    } else {
+        previous_promoted(hub, &history, current.version)?.ok_or_else(|| {
+            CoreError::AdminRefused(format!(
+                "version {} is the only version ever promoted; name a version with --to",
+                current.version
+            ))
+        })?
+    };
+    if target.version == current.version {
+        return Err(CoreError::AdminRefused(format!(
+            "version {} is the promoted version already; name another with --to",
+            target.version
+        )));
+    }
+    current.status = ModelStatus::RolledBack;
+    target.status = ModelStatus::Promoted;
+    let mut history = history;
+    history.push(target.version);
+    hub.store
+        .commit_promotion(&[current.clone(), target.clone()], &history)?;
+    hub.store.flush().await?;
+    hub.audit(
+        &format!("admin:{admin}"),
+        "rollback",
+        &format!(
+            "version {} rolled back to {}",
+            current.version, target.version
+        ),
+    );
+    Ok(target)
+}
+
+fn previous_promoted(
+    hub: &Hub,
+    history: &[u64],
+    current: u64,
+) -> Result<Option<ModelRecord>, CoreError> {
+    for &v in history.iter().rev() {
+        if v == current {
+            continue;
+        }
+        if let Some(m) = hub.store.model(v)? {
+            if m.status != ModelStatus::RolledBack {
+                return Ok(Some(m));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Revokes `plant`: its stream ends and every later call of it is refused. Updates it had
+/// already sent stay accepted.
+pub async fn revoke(
+    hub: &Arc<Hub>,
+    admin: &str,
+    plant: &str,
+    reason: &str,
+) -> Result<(), CoreError> {
+    let mut record = hub
+        .store
+        .plant(plant)?
+        .ok_or_else(|| CoreError::UnknownPlant(plant.to_string()))?;
+    record.revoked = Some(Revocation {
+        reason: reason.to_string(),
+        by: admin.to_string(),
+        at_unix_ms: now_unix_ms(),
+    });
+    hub.store.put_plant(&record)?;
+    hub.store.flush().await?;
+    hub.disconnect(plant);
+    hub.audit(
+        &format!("admin:{admin}"),
+        "revoke",
+        &format!("plant {plant} revoked: {reason}"),
+    );
+    Ok(())
+}
+
+/// The promoted version: the last of the promotion history.
+fn promoted(hub: &Hub) -> Result<Option<ModelRecord>, CoreError> {
+    match hub.store.promotion_history()?.last() {
+        Some(&v) => Ok(hub.store.model(v)?),
+        None => Ok(None),
+    }
+}

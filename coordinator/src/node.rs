@@ -1,0 +1,225 @@
+//! A coordinator built from its config ([`Coordinator::build`]: TLS, signing key, storage and
+//! the initial model, all checked before anything listens) and running
+//! ([`Coordinator::spawn`]: the gRPC server and the round driver, each a task with its span,
+//! stopped together by [`Running::stop`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedinspect_common::signing::{SigningError, SigningKey};
+use fedinspect_common::tls::{Role, TlsError, TlsMaterial};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::ServerTlsConfig;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::error::CoreError;
+use crate::hub::Hub;
+use crate::round::RoundDriver;
+use crate::rpc;
+use crate::storage::{BlobStore, Store};
+use crate::versions::Versions;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Signing(#[from] SigningError),
+    #[error("cannot create data_dir {}: {source}", path.display())]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the gRPC server failed: {0}")]
+    Server(#[from] tonic::transport::Error),
+    #[error("the round driver failed: {0}")]
+    Driver(#[from] CoreError),
+    #[error("a coordinator task panicked or was aborted: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("{0} stopped without being asked to")]
+    Stopped(&'static str),
+    #[error("the coordinator did not drain within {0:?}; its tasks were aborted")]
+    DrainTimeout(Duration),
+}
+
+/// A coordinator ready to serve.
+pub struct Coordinator {
+    hub: Arc<Hub>,
+    tls: ServerTlsConfig,
+}
+
+/// A serving coordinator.
+pub struct Running {
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    shutdown: watch::Sender<bool>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    driver: Option<JoinHandle<Result<(), CoreError>>>,
+}
+
+/// The store, blob store and signing key in `config.data_dir`, for commands that need no
+/// network (`init-model`).
+pub fn open_storage(config: &Config) -> Result<(Store, BlobStore, SigningKey), BuildError> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).map_err(|source| BuildError::DataDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let signer = SigningKey::load(&config.signing_key)?;
+    let store = Store::open(&dir.join("db")).map_err(CoreError::from)?;
+    let blobs = BlobStore::open(&dir.join("blobs")).map_err(CoreError::from)?;
+    Ok((store, blobs, signer))
+}
+
+impl Coordinator {
+    /// Loads and checks everything the coordinator needs; stores `initial_model` as version 1
+    /// when no version exists yet, and refuses to build without any model.
+    pub fn build(config: &Config) -> Result<Self, BuildError> {
+        let material = TlsMaterial::load(&config.tls, Role::Coordinator)?;
+        let tls = rpc::server_tls(material.tonic_pem());
+        let (store, blobs, signer) = open_storage(config)?;
+        if store.latest_model().map_err(CoreError::from)?.is_none() {
+            let path = config.initial_model.as_ref().ok_or(CoreError::NoModel)?;
+            let versions = Versions {
+                store: &store,
+                blobs: &blobs,
+                signer: &signer,
+            };
+            let v1 = versions.init(path)?;
+            tracing::info!(hash = %v1.content_hash.0, path = %path.display(), "stored the initial model as version 1");
+        }
+        let hub = Hub::new(
+            store,
+            blobs,
+            config.round.clone(),
+            config.limits.clone(),
+            signer,
+            material.identity().id.clone(),
+        );
+        Ok(Self {
+            hub: Arc::new(hub),
+            tls,
+        })
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Starts the gRPC server on `listener` and the round driver.
+    pub fn spawn(self, listener: TcpListener) -> std::io::Result<Running> {
+        let addr = listener.local_addr()?;
+        let (shutdown, rx) = watch::channel(false);
+        let mut server_rx = rx.clone();
+        let signal = async move {
+            let _ = server_rx.wait_for(|stop| *stop).await;
+        };
+        let server = tokio::spawn(
+            rpc::serve(self.hub.clone(), self.tls, listener, signal)
+                .instrument(tracing::info_span!("grpc", %addr)),
+        );
+        let driver = tokio::spawn(
+            RoundDriver::new(self.hub.clone(), rx)
+                .run()
+                .instrument(tracing::info_span!("rounds")),
+        );
+        tracing::info!(%addr, "coordinator serving");
+        Ok(Running {
+            addr,
+            hub: self.hub,
+            shutdown,
+            server: Some(server),
+            driver: Some(driver),
+        })
+    }
+}
+
+impl Running {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Resolves if the server or the driver ends on its own, which only happens on failure.
+    pub async fn failed(&mut self) -> RunError {
+        let (Some(server), Some(driver)) = (self.server.as_mut(), self.driver.as_mut()) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            r = server => {
+                self.server = None;
+                match r {
+                    Ok(Ok(())) => RunError::Stopped("the gRPC server"),
+                    Ok(Err(e)) => e.into(),
+                    Err(e) => e.into(),
+                }
+            }
+            r = driver => {
+                self.driver = None;
+                match r {
+                    // Even after max_rounds the driver waits for shutdown.
+                    Ok(Ok(())) => RunError::Stopped("the round driver"),
+                    Ok(Err(e)) => e.into(),
+                    Err(e) => e.into(),
+                }
+            }
+        }
+    }
+
+    /// Stops the round driver, ends the task streams and drains the server, aborting whatever
+    /// is left after `deadline`.
+    pub async fn stop(mut self, deadline: Duration) -> Result<(), RunError> {
+        let _ = self.shutdown.send(true);
+        self.hub.disconnect_all();
+        let server = self.server.take();
+        let driver = self.driver.take();
+        let aborts: Vec<_> = server
+            .iter()
+            .map(|h| h.abort_handle())
+            .chain(driver.iter().map(|h| h.abort_handle()))
+            .collect();
+        let drain = async {
+            let mut result = Ok(());
+            if let Some(d) = driver {
+                if let Err(e) = d
+                    .await
+                    .map_err(RunError::from)
+                    .and_then(|r| r.map_err(RunError::from))
+                {
+                    result = Err(e);
+                }
+            }
+            if let Some(s) = server {
+                if let Err(e) = s
+                    .await
+                    .map_err(RunError::from)
+                    .and_then(|r| r.map_err(RunError::from))
+                {
+                    result = result.and(Err(e));
+                }
+            }
+            result
+        };
+        match tokio::time::timeout(deadline, drain).await {
+            Ok(result) => result,
+            Err(_) => {
+                aborts.iter().for_each(|a| a.abort());
+                Err(RunError::DrainTimeout(deadline))
+            }
+        }
+    }
+}

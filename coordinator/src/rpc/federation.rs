@@ -1,0 +1,377 @@
+//! The plant-facing `Federation` service: registration, the task stream, model downloads and
+//! update uploads. Every refusal is audited and returned with the code `status` gives it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fedinspect_common::tls::Role;
+use fedinspect_proto::v1 as pb;
+use fedinspect_proto::v1::federation_server::Federation;
+use fedinspect_proto::CHUNK_BYTES;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::from_proto::{self, FromProtoError};
+use super::{auth, status, to_proto};
+use crate::error::CoreError;
+use crate::hub::Hub;
+use crate::intake::{self, Admission, UpdateHeader};
+use crate::records::{now_unix_ms, ModelRecord, PlantRecord};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub struct FederationService {
+    hub: Arc<Hub>,
+}
+
+impl FederationService {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+
+    /// Audits a refusal and turns it into its status.
+    fn refuse(&self, actor: &str, action: &str, e: CoreError) -> Status {
+        self.hub.audit(actor, action, &e.to_string());
+        status::to_status(&e)
+    }
+
+    /// The calling plant, which must be registered and not revoked.
+    fn registered_plant(&self, plant: &str) -> Result<PlantRecord, CoreError> {
+        let record = self
+            .hub
+            .store
+            .plant(plant)?
+            .ok_or_else(|| CoreError::NotRegistered(plant.to_string()))?;
+        if let Some(r) = &record.revoked {
+            return Err(CoreError::Revoked {
+                plant: plant.to_string(),
+                reason: r.reason.clone(),
+            });
+        }
+        Ok(record)
+    }
+
+    async fn register_inner(
+        &self,
+        plant: &str,
+        req: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse, CoreError> {
+        let pb::RegisterRequest {
+            protocol_version,
+            capabilities,
+            plant_public_key,
+        } = req;
+        intake::check_protocol(protocol_version)?;
+        from_proto::plant_public_key(&plant_public_key)?;
+        let now = now_unix_ms();
+        let record = match self.hub.store.plant(plant)? {
+            Some(existing) if existing.revoked.is_some() => {
+                return Err(CoreError::Revoked {
+                    plant: plant.to_string(),
+                    reason: existing.revoked.map(|r| r.reason).unwrap_or_default(),
+                })
+            }
+            Some(existing) => PlantRecord {
+                capabilities: capabilities.map(Into::into).unwrap_or_default(),
+                last_seen_unix_ms: now,
+                plant_public_key,
+                ..existing
+            },
+            None => PlantRecord {
+                plant_id: plant.to_string(),
+                capabilities: capabilities.map(Into::into).unwrap_or_default(),
+                registered_unix_ms: now,
+                last_seen_unix_ms: now,
+                revoked: None,
+                plant_public_key,
+            },
+        };
+        self.hub.store.put_plant(&record)?;
+        self.hub.store.flush().await?;
+        tracing::info!(plant, "plant registered");
+        Ok(pb::RegisterResponse {
+            protocol_version: fedinspect_proto::PROTOCOL_VERSION,
+            plant_id: plant.to_string(),
+            coordinator_id: self.hub.coordinator_id.clone(),
+            coordinator_public_key: self.hub.signer.verifying_key().as_bytes().to_vec(),
+        })
+    }
+
+    async fn download_inner(
+        &self,
+        plant: &str,
+        req: pb::DownloadModelRequest,
+    ) -> Result<BoxStream<pb::Chunk>, CoreError> {
+        let pb::DownloadModelRequest {
+            protocol_version,
+            version,
+            offset,
+        } = req;
+        intake::check_protocol(protocol_version)?;
+        self.registered_plant(plant)?;
+        let record = if version == 0 {
+            self.hub
+                .store
+                .latest_usable_model()?
+                .ok_or(CoreError::NoModel)?
+        } else {
+            self.hub
+                .store
+                .model(version)?
+                .ok_or(CoreError::UnknownVersion(version))?
+        };
+        if offset > record.size_bytes {
+            return Err(CoreError::Malformed(format!(
+                "offset {offset} is beyond the {} bytes of version {}",
+                record.size_bytes, record.version
+            )));
+        }
+        let path = self.hub.blobs.path_of(&record.blob_sha256);
+        let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+            CoreError::Internal(format!("cannot open model blob {}: {e}", path.display()))
+        })?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| CoreError::Internal(format!("cannot seek model blob: {e}")))?;
+        let (tx, rx) = mpsc::channel(4);
+        let span = tracing::info_span!("download", plant, version = record.version);
+        tokio::spawn(send_file(file, offset, record, tx).instrument(span));
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn upload_inner(
+        &self,
+        plant: &str,
+        mut stream: Streaming<pb::UploadUpdateRequest>,
+    ) -> Result<pb::UploadUpdateResponse, CoreError> {
+        let header = match next_part(&mut stream).await? {
+            Some(pb::upload_update_request::Part::Header(h)) => UpdateHeader::try_from(h)?,
+            Some(pb::upload_update_request::Part::Chunk(_)) | None => {
+                return Err(FromProtoError::HeaderFirst.into())
+            }
+        };
+        let mut receiving = match intake::admit(&self.hub, plant, header).await? {
+            Admission::Duplicate(existing) => {
+                tracing::info!(plant, update = %existing.update_id, "duplicate update acknowledged again");
+                return Ok(response(&existing, true));
+            }
+            Admission::Fresh(r) => r,
+        };
+        while let Some(part) = next_part(&mut stream).await? {
+            match part {
+                pb::upload_update_request::Part::Chunk(c) => {
+                    let pb::Chunk {
+                        offset,
+                        data,
+                        total_bytes: _,
+                        sha256: _,
+                    } = c;
+                    receiving.chunk(offset, &data).await?;
+                }
+                pb::upload_update_request::Part::Header(_) => {
+                    return Err(FromProtoError::SecondHeader.into())
+                }
+            }
+        }
+        let accepted = receiving.finish().await?;
+        tracing::info!(
+            plant,
+            round = accepted.record.round,
+            update = %accepted.record.update_id,
+            norm = accepted.record.l2_norm,
+            duplicate = accepted.duplicate,
+            "update accepted"
+        );
+        Ok(response(&accepted.record, accepted.duplicate))
+    }
+
+    fn upload_status_inner(
+        &self,
+        plant: &str,
+        req: pb::UploadStatusRequest,
+    ) -> Result<pb::UploadStatusResponse, CoreError> {
+        let pb::UploadStatusRequest {
+            protocol_version,
+            update_id,
+        } = req;
+        intake::check_protocol(protocol_version)?;
+        self.registered_plant(plant)?;
+        let id = from_proto::update_id(&update_id)?;
+        // Partial uploads are not kept, so an update is either wholly durable or not at all.
+        Ok(match self.hub.store.update_by_id(&id)? {
+            Some(u) if u.plant_id == plant => pb::UploadStatusResponse {
+                durable_bytes: u.payload_bytes,
+                accepted: true,
+            },
+            _ => pb::UploadStatusResponse {
+                durable_bytes: 0,
+                accepted: false,
+            },
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let who = auth::caller(&request, Role::Plant)
+            .map_err(|e| self.refuse(&auth::actor(&request), "register", e))?;
+        let actor = format!("plant:{}", who.id);
+        self.register_inner(&who.id, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| self.refuse(&actor, "register", e))
+    }
+
+    type TasksStream = BoxStream<pb::Task>;
+
+    async fn tasks(
+        &self,
+        request: Request<pb::TasksRequest>,
+    ) -> Result<Response<Self::TasksStream>, Status> {
+        let who = auth::caller(&request, Role::Plant)
+            .map_err(|e| self.refuse(&auth::actor(&request), "tasks", e))?;
+        let actor = format!("plant:{}", who.id);
+        let pb::TasksRequest { protocol_version } = request.into_inner();
+        let rx = intake::check_protocol(protocol_version)
+            .and_then(|()| self.registered_plant(&who.id))
+            .and_then(|_| self.hub.connect(&who.id))
+            .map_err(|e| self.refuse(&actor, "tasks", e))?;
+        tracing::info!(plant = %who.id, "task stream open");
+        let stream = ReceiverStream::new(rx).map(|t| Ok(to_proto::task(&t)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type DownloadModelStream = BoxStream<pb::Chunk>;
+
+    async fn download_model(
+        &self,
+        request: Request<pb::DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let who = auth::caller(&request, Role::Plant)
+            .map_err(|e| self.refuse(&auth::actor(&request), "download_model", e))?;
+        let actor = format!("plant:{}", who.id);
+        self.download_inner(&who.id, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| self.refuse(&actor, "download_model", e))
+    }
+
+    async fn upload_update(
+        &self,
+        request: Request<Streaming<pb::UploadUpdateRequest>>,
+    ) -> Result<Response<pb::UploadUpdateResponse>, Status> {
+        let who = auth::caller(&request, Role::Plant)
+            .map_err(|e| self.refuse(&auth::actor(&request), "upload_update", e))?;
+        let actor = format!("plant:{}", who.id);
+        self.upload_inner(&who.id, request.into_inner())
+            .instrument(tracing::info_span!("upload", plant = %who.id))
+            .await
+            .map(Response::new)
+            .map_err(|e| self.refuse(&actor, "upload_update", e))
+    }
+
+    async fn upload_status(
+        &self,
+        request: Request<pb::UploadStatusRequest>,
+    ) -> Result<Response<pb::UploadStatusResponse>, Status> {
+        let who = auth::caller(&request, Role::Plant)
+            .map_err(|e| self.refuse(&auth::actor(&request), "upload_status", e))?;
+        let actor = format!("plant:{}", who.id);
+        self.upload_status_inner(&who.id, request.into_inner())
+            .map(Response::new)
+            .map_err(|e| self.refuse(&actor, "upload_status", e))
+    }
+
+    type DownloadBundleStream = BoxStream<pb::Chunk>;
+
+    async fn download_bundle(
+        &self,
+        _request: Request<pb::DownloadBundleRequest>,
+    ) -> Result<Response<Self::DownloadBundleStream>, Status> {
+        Err(Status::unimplemented(
+            "this coordinator does not serve inference bundles yet; install models from DownloadModel",
+        ))
+    }
+
+    async fn report_install(
+        &self,
+        _request: Request<pb::ReportInstallRequest>,
+    ) -> Result<Response<pb::ReportInstallResponse>, Status> {
+        Err(Status::unimplemented(
+            "this coordinator sends no install tasks yet, so there is nothing to report",
+        ))
+    }
+}
+
+/// The next part of an upload; a broken stream counts as a cut-off upload.
+async fn next_part(
+    stream: &mut Streaming<pb::UploadUpdateRequest>,
+) -> Result<Option<pb::upload_update_request::Part>, CoreError> {
+    match stream.message().await {
+        Ok(Some(pb::UploadUpdateRequest { part: Some(part) })) => Ok(Some(part)),
+        Ok(Some(pb::UploadUpdateRequest { part: None })) => Err(FromProtoError::EmptyPart.into()),
+        Ok(None) => Ok(None),
+        Err(s) => Err(CoreError::Malformed(format!(
+            "the upload stream failed ({}); send the update again",
+            s.message()
+        ))),
+    }
+}
+
+fn response(u: &crate::records::UpdateRecord, duplicate: bool) -> pb::UploadUpdateResponse {
+    pb::UploadUpdateResponse {
+        update_id: u.update_id.0.to_vec(),
+        duplicate,
+        delta_sha256: u.delta_sha256.0.to_vec(),
+    }
+}
+
+/// Streams a model blob from `offset` in chunks of at most [`CHUNK_BYTES`]; the last chunk
+/// carries the SHA-256 of the whole file.
+async fn send_file(
+    mut file: tokio::fs::File,
+    mut offset: u64,
+    record: ModelRecord,
+    tx: mpsc::Sender<Result<pb::Chunk, Status>>,
+) {
+    let total = record.size_bytes;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let want = usize::try_from((total - offset).min(CHUNK_BYTES as u64)).unwrap_or(CHUNK_BYTES);
+        if let Err(e) = file.read_exact(&mut buf[..want]).await {
+            tracing::error!(error = %e, "cannot read model blob");
+            let _ = tx
+                .send(Err(Status::internal(
+                    "cannot read the model file; try again later",
+                )))
+                .await;
+            return;
+        }
+        let last = offset + want as u64 == total;
+        let chunk = pb::Chunk {
+            offset,
+            data: buf[..want].to_vec(),
+            total_bytes: total,
+            sha256: if last {
+                record.blob_sha256.0.to_vec()
+            } else {
+                Vec::new()
+            },
+        };
+        if tx.send(Ok(chunk)).await.is_err() {
+            return; // the plant went away
+        }
+        offset += want as u64;
+        if last {
+            return;
+        }
+    }
+}

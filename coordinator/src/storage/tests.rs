@@ -1,0 +1,230 @@
+//! Storage tests: a model-based test that replays random update records, with restarts,
+//! against a `BTreeMap`; version immutability; the format version key; the blob store.
+
+use std::collections::BTreeMap;
+
+use fedinspect_common::delta::Codec;
+use fedinspect_common::ModelHash;
+
+use super::*;
+use crate::records::{Digest, ModelHashText, UpdateId};
+
+fn update(round: u64, plant: &str, id: u8) -> UpdateRecord {
+    UpdateRecord {
+        update_id: UpdateId([id; 16]),
+        round,
+        plant_id: plant.to_string(),
+        base_version: round,
+        codec: Codec::q8(),
+        num_samples: 10 + u64::from(id),
+        payload_bytes: 100,
+        delta_sha256: Digest([id; 32]),
+        plant_signature: vec![id; 3],
+        metrics: BTreeMap::from([("loss".to_string(), 0.5)]),
+        l2_norm: 1.5,
+        clip_scale: Some(0.25),
+        received_unix_ms: 1,
+    }
+}
+
+fn model(version: u64, hash: u8) -> ModelRecord {
+    ModelRecord {
+        version,
+        parent: version - 1,
+        round: version - 1,
+        content_hash: ModelHashText(ModelHash([hash; 32])),
+        blob_sha256: Digest([hash; 32]),
+        size_bytes: 10,
+        signature: vec![1; 64],
+        strategy: "fedavg".into(),
+        contributors: Vec::new(),
+        metrics: BTreeMap::new(),
+        created_unix_ms: 5,
+        status: ModelStatus::Candidate,
+    }
+}
+
+/// SplitMix64, so the test needs no dependency and replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn update_records_match_a_map_model_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    // The model: (round, plant) -> record, and id -> (round, plant).
+    let mut slots: BTreeMap<(u64, String), UpdateRecord> = BTreeMap::new();
+    let mut ids: BTreeMap<u8, (u64, String)> = BTreeMap::new();
+    let mut rng = Rng(42);
+    for step in 0..400 {
+        if rng.below(40) == 0 {
+            store.flush_blocking().unwrap();
+            drop(store);
+            store = Store::open(dir.path()).unwrap();
+        }
+        let round = 1 + rng.below(3);
+        let plant = format!("plant-{}", rng.below(4));
+        let id = rng.below(30) as u8;
+        let rec = update(round, &plant, id);
+        let expected = match ids.get(&id) {
+            Some(slot) if slot.1 == plant => RecordOutcome::Duplicate(slots[slot].clone()),
+            Some(slot) => RecordOutcome::IdTaken {
+                plant_id: slot.1.clone(),
+            },
+            None => match slots.get(&(round, plant.clone())) {
+                Some(existing) => RecordOutcome::PlantAlreadyContributed(existing.clone()),
+                None => {
+                    slots.insert((round, plant.clone()), rec.clone());
+                    ids.insert(id, (round, plant.clone()));
+                    RecordOutcome::Inserted
+                }
+            },
+        };
+        assert_eq!(store.record_update(&rec).unwrap(), expected, "step {step}");
+    }
+    store.flush_blocking().unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    for round in 1..=3 {
+        let got = store.updates_of_round(round).unwrap();
+        let want: Vec<_> = slots
+            .iter()
+            .filter(|((r, _), _)| *r == round)
+            .map(|(_, u)| u.clone())
+            .collect();
+        assert_eq!(got, want, "round {round} in plant order");
+    }
+    for (id, slot) in &ids {
+        let got = store.update_by_id(&UpdateId([*id; 16])).unwrap().unwrap();
+        assert_eq!(&got, &slots[slot]);
+    }
+}
+
+#[test]
+fn a_version_never_changes_but_storing_it_again_is_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let v2 = model(2, 7);
+    let round = crate::records::RoundRecord {
+        round: 1,
+        state: crate::records::RoundState::Published,
+        base_version: 1,
+        base_hash: ModelHashText(ModelHash([0; 32])),
+        plan: crate::records::TrainPlan {
+            local_epochs: 1,
+            learning_rate: 0.1,
+            fedprox_mu: 0.0,
+            batch_size: 4,
+            codec: Codec::F16,
+        },
+        opened_unix_ms: 0,
+        deadline_unix_ms: 10,
+        closed_unix_ms: Some(5),
+        published_version: Some(2),
+        participants: 2,
+        failure: None,
+    };
+    store.insert_model(&v2, Some(&round)).unwrap();
+    let mut again = v2.clone();
+    again.created_unix_ms = 99;
+    store.insert_model(&again, None).unwrap();
+    assert_eq!(store.model(2).unwrap().unwrap(), v2, "first record kept");
+    let err = store.insert_model(&model(2, 8), None).unwrap_err();
+    assert!(matches!(err, StorageError::VersionExists(2)), "{err}");
+    assert_eq!(store.round(1).unwrap().unwrap(), round);
+    assert_eq!(store.latest_round().unwrap().unwrap().round, 1);
+}
+
+#[test]
+fn latest_usable_model_skips_rolled_back_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for v in 1..=3 {
+        store.insert_model(&model(v, v as u8), None).unwrap();
+    }
+    let mut v3 = store.model(3).unwrap().unwrap();
+    v3.status = ModelStatus::RolledBack;
+    store.commit_promotion(&[v3], &[1, 3]).unwrap();
+    assert_eq!(store.latest_usable_model().unwrap().unwrap().version, 2);
+    assert_eq!(store.latest_model().unwrap().unwrap().version, 3);
+    assert_eq!(store.promotion_history().unwrap(), vec![1, 3]);
+    let newest: Vec<u64> = store.models(2).unwrap().iter().map(|m| m.version).collect();
+    assert_eq!(newest, vec![3, 2]);
+}
+
+#[test]
+fn another_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.meta.insert(FORMAT_KEY, &7u32.to_be_bytes()).unwrap();
+        store.flush_blocking().unwrap();
+    }
+    let err = Store::open(dir.path()).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            StorageError::FormatVersion {
+                found: 7,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn blobs_are_content_addressed_and_uploads_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = BlobStore::open(dir.path()).unwrap();
+    let d = blobs.put_bytes(b"model bytes").unwrap();
+    assert_eq!(d, Digest::of(b"model bytes"));
+    assert_eq!(blobs.read(&d).unwrap(), b"model bytes");
+
+    let mut up = blobs.incoming().await.unwrap();
+    up.write(b"delta ").await.unwrap();
+    up.write(b"bytes").await.unwrap();
+    assert_eq!(up.digest(), Digest::of(b"delta bytes"));
+    up.sync().await.unwrap();
+    let d2 = tokio::task::spawn_blocking(move || up.commit())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(blobs.read(&d2).unwrap(), b"delta bytes");
+
+    // A dropped upload leaves nothing; one left by a crash is removed at the next open.
+    let mut dropped = blobs.incoming().await.unwrap();
+    dropped.write(b"partial").await.unwrap();
+    drop(dropped);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("incoming"))
+            .unwrap()
+            .count(),
+        0
+    );
+    std::fs::write(dir.path().join("incoming").join("x.part"), b"crash").unwrap();
+    BlobStore::open(dir.path()).unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("incoming"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    std::fs::write(blobs.path_of(&d), b"tampered").unwrap();
+    assert!(blobs.read(&d).is_err());
+}
