@@ -12,7 +12,7 @@ focal + 0.1 * L1 loss, AdamW with warmup and cosine, batch 8 of 320x320 crops, 2
 Usage: python scripts/bench_train_pytorch.py [--steps 20] [--warmup 3] [--threads 2]
                                              [--parity target/detector_parity.safetensors]
 """
-import argparse, math, os, random, sys, time
+import argparse, math, os, random, resource, sys, time
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 
@@ -210,13 +210,15 @@ def main():
         loss = focal(hm, hm_t) + 0.1 * (F.l1_loss(reg * m, reg_t * m, reduction="sum") / m.sum().clamp(min=1))
         opt.zero_grad(); loss.backward(); opt.step()
         loss.item()
-        marks.append(time.perf_counter()); cpu_marks.append(time.process_time())
+        marks.append(time.perf_counter())
+        cpu_marks.append((time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
     dt = marks[-1] - marks[a.warmup - 1]
-    cpu = cpu_marks[-1] - cpu_marks[a.warmup - 1]
+    cpu = cpu_marks[-1][0] - cpu_marks[a.warmup - 1][0]
+    faults = (cpu_marks[-1][1] - cpu_marks[a.warmup - 1][1]) // a.steps
     median = sorted(b - a_ for a_, b in zip(marks[a.warmup - 1:], marks[a.warmup:]))[a.steps // 2]
     print(f"PyTorch {torch.__version__}, {a.threads} threads: {a.steps} steps of 8 at 320x320 in {dt:.2f} s, "
           f"{a.steps * 8 / dt:.1f} images/s (median step {8 / median:.1f} images/s; "
-          f"{a.steps * 8 / cpu:.2f} images per CPU-second; last loss {loss.item():.3f})")
+          f"{cpu / dt:.2f} cores busy; {faults} page faults/step; last loss {loss.item():.3f})")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ pub mod synthetic;
 pub mod targets;
 pub mod train;
 
+use crate::varstore::{load_state_into_var_store, state_from_var_store, TorchError};
 use fedinspect_common::arch::{ArchConfig, ArchError, MAX_STRIDE};
 use fedinspect_common::detection::Detection;
-use fedinspect_common::torch::TorchError;
 use fedinspect_common::{ModelError, ModelState};
 use tch::{nn, Device, Kind, TchError, Tensor};
 
@@ -67,7 +67,8 @@ pub struct HeadOutput {
     pub boxes: Tensor,
 }
 
-/// A network, its variables and what it detects.
+/// A network, its variables and what it detects. `Send`, so training can own it on its own
+/// thread.
 pub struct Detector {
     arch: ArchConfig,
     class_names: Vec<String>,
@@ -143,12 +144,12 @@ impl Detector {
 
     /// Every variable, BatchNorm running statistics included.
     pub fn state(&self) -> Result<ModelState, DetectorError> {
-        Ok(ModelState::from_var_store(&self.vs)?)
+        Ok(state_from_var_store(&self.vs)?)
     }
 
     /// Overwrites every variable; names and shapes must match this architecture exactly.
     pub fn load_state(&mut self, state: &ModelState) -> Result<(), DetectorError> {
-        Ok(state.load_into_var_store(&mut self.vs)?)
+        Ok(load_state_into_var_store(state, &mut self.vs)?)
     }
 
     /// Runs the network on `images` (`[N, in_channels, H, W]` on this detector's device,
@@ -223,3 +224,9 @@ impl Detector {
         )
     }
 }
+
+// Training runs on its own thread: the detector must move there.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Detector>();
+};

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use fedinspect_client::detector::synthetic::rectangles;
 use fedinspect_client::detector::{CheckpointInfo, Detector, DetectorError};
+use fedinspect_client::varstore::TorchError;
 use fedinspect_common::arch::ArchConfig;
-use fedinspect_common::torch::TorchError;
 use tch::{Device, Kind, Tensor};
 
 fn arch() -> ArchConfig {

@@ -45,18 +45,21 @@ fn training_throughput_default_arch() {
         ..TrainConfig::default()
     };
     let mut marks: Vec<Duration> = Vec::new();
-    let mut cpu_marks: Vec<f64> = Vec::new();
+    let mut cpu_marks: Vec<(f64, u64)> = Vec::new();
     let mut last_loss = 0.0;
     train(&mut det, &mut data, &cfg, &mut |p| {
         marks.push(p.elapsed);
-        cpu_marks.push(process_cpu_seconds());
+        cpu_marks.push(process_cpu_and_faults());
         last_loss = p.loss;
         ControlFlow::Continue(())
     })
     .unwrap();
 
     let window = marks[marks.len() - 1] - marks[WARMUP as usize - 1];
-    let cpu = cpu_marks[cpu_marks.len() - 1] - cpu_marks[WARMUP as usize - 1];
+    let (cpu_end, faults_end) = cpu_marks[cpu_marks.len() - 1];
+    let (cpu_start, faults_start) = cpu_marks[WARMUP as usize - 1];
+    let cpu = cpu_end - cpu_start;
+    let faults_per_step = (faults_end - faults_start) / steps;
     let mut step_times: Vec<f64> = marks
         .windows(2)
         .skip(WARMUP as usize - 1)
@@ -67,35 +70,38 @@ fn training_throughput_default_arch() {
     let graph = arch.graph().unwrap();
     println!(
         "tch {} threads, {} params, {:.2} GMAC/crop: {steps} steps of 8 at 320x320 in {:.2} s, \
-         {:.1} images/s (median step {:.1} images/s; {:.2} images per CPU-second; last loss \
-         {last_loss:.3})",
+         {:.1} images/s (median step {:.1} images/s; {:.2} cores busy; {faults_per_step} page \
+         faults/step; last loss {last_loss:.3})",
         threads,
         graph.num_trainable(),
         graph.macs(320, 320) as f64 / 1e9,
         window.as_secs_f64(),
         (steps * 8) as f64 / window.as_secs_f64(),
         8.0 / median,
-        (steps * 8) as f64 / cpu,
+        cpu / window.as_secs_f64(),
     );
     if let Ok(path) = std::env::var("FEDINSPECT_PARITY_OUT") {
         write_parity(&det, Path::new(&path));
     }
 }
 
-/// User + system CPU time of this process (all threads), from /proc/self/stat in clock ticks
-/// of 1/100 s: on a shared machine, work per CPU-second is steadier than per wall second.
-fn process_cpu_seconds() -> f64 {
+/// User + system CPU seconds (all threads) and minor page faults of this process, from
+/// /proc/self/stat (clock ticks of 1/100 s). Cores busy (CPU time over wall time) below the
+/// thread count means the run shared its cores with other processes and its images/s
+/// understate the code; page faults per step show whether memory is recycled.
+fn process_cpu_and_faults() -> (f64, u64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    // Fields after the parenthesised command name: minflt, utime and stime are fields 10, 14
+    // and 15 of the line.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
+    let field = |i: usize| {
         fields
             .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
     };
-    (ticks(11) + ticks(12)) / 100.0
+    ((field(11) + field(12)) as f64 / 100.0, field(7))
 }
 
 /// The detector's state plus `parity.input` and its eval-mode `parity.heatmap` and

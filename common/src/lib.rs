@@ -16,7 +16,5 @@ pub mod model;
 pub mod pki;
 pub mod signing;
 pub mod tls;
-#[cfg(feature = "torch")]
-pub mod torch;
 
 pub use model::{ModelError, ModelHash, ModelState, Tensor};

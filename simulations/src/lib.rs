@@ -1,5 +1,5 @@
 //! Simulated federations for researchers: synthetic plants ([`synthetic`]) and the runs that
 //! drive the real client and coordinator code over them.
 
-pub mod synthetic;
 pub mod quickstart;
+pub mod synthetic;

@@ -17,10 +17,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use fedinspect_client::data::deeppcb::{self, DeepPcbOptions, Split};
 use fedinspect_client::data::{
-    validate, Augment, Batch, Channels, Dataset, Loader, LoaderOptions, OnInvalid, Preprocess,
+    validate, Augment, Channels, Dataset, Loader, LoaderOptions, OnInvalid, Preprocess,
     ValidateOptions,
 };
-use fedinspect_client::detector::train::{self, BatchSource, DataError, Stop, TrainConfig};
+use fedinspect_client::detector::train::{self, Stop, TrainConfig};
 use fedinspect_client::detector::{auto_device, DecodeParams, Detector};
 use fedinspect_client::eval::{self, EvalReport};
 use fedinspect_common::arch::ArchConfig;
@@ -130,24 +130,6 @@ struct Plant {
     samples: u64,
 }
 
-struct LoaderSource<'a>(&'a Loader);
-
-impl BatchSource for LoaderSource<'_> {
-    fn batches_per_epoch(&self) -> usize {
-        self.0.batches_per_epoch()
-    }
-
-    fn epoch(
-        &mut self,
-        epoch: u32,
-        seed: u64,
-    ) -> Result<Box<dyn Iterator<Item = Result<Batch, DataError>> + '_>, DataError> {
-        Ok(Box::new(
-            self.0.train_epoch_with_seed(seed, epoch.into()).map(Ok),
-        ))
-    }
-}
-
 /// Runs the quickstart and returns the per-round rows; prints progress and the table.
 pub fn run(cfg: &QuickstartConfig) -> Result<Vec<RoundRow>> {
     tch::set_num_threads(cfg.threads);
@@ -230,9 +212,7 @@ pub fn run(cfg: &QuickstartConfig) -> Result<Vec<RoundRow>> {
     let mut rows = Vec::new();
     for round in 1..=cfg.rounds {
         let started = Instant::now();
-        let base_bytes = global
-            .to_safetensors_bytes(&BTreeMap::new())?
-            .len() as u64;
+        let base_bytes = global.to_safetensors_bytes(&BTreeMap::new())?.len() as u64;
         let base_layout = Layout::of(&global);
         let mut streaming = StreamingFedAvg::begin(&global);
         let mut received: Vec<(String, u64, ModelState)> = Vec::new();
@@ -253,7 +233,8 @@ pub fn run(cfg: &QuickstartConfig) -> Result<Vec<RoundRow>> {
             let label = format!("round {round}/{} {}", cfg.rounds, plant.name);
             train::train(
                 &mut det,
-                &mut LoaderSource(&plant.loader),
+                // The loader is its own BatchSource; a clone shares its image cache.
+                &mut plant.loader.clone(),
                 &train_cfg,
                 &mut |p| {
                     if p.step % 10 == 0 || Some(p.step) == p.total_steps {
@@ -544,7 +525,10 @@ pub fn render_table(rows: &[RoundRow]) -> String {
         s,
         "| round | version | participants | map_33 | map_50 | bytes up | bytes down | seconds | train s | encode s | aggregate s | publish s | eval s |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
         let _ = writeln!(
             s,

@@ -96,9 +96,9 @@ pub fn generate_board(seed: u64, size: u32, style: &PlantStyle, max_defects: usi
             continue;
         }
         if let Some((x1, y1, x2, y2)) = changed_bbox(&before, &defective, n) {
-            let overlaps = defects.iter().any(|&(a, b, c, d, _)| {
-                x1 < c + 4 && a < x2 + 4 && y1 < d + 4 && b < y2 + 4
-            });
+            let overlaps = defects
+                .iter()
+                .any(|&(a, b, c, d, _)| x1 < c + 4 && a < x2 + 4 && y1 < d + 4 && b < y2 + 4);
             if overlaps {
                 defective = before;
                 continue;
@@ -129,20 +129,27 @@ pub fn write_plant(
 ) -> io::Result<Vec<String>> {
     let group = format!("{:05}", 90000 + plant);
     let img_dir = root.join(format!("group{group}")).join(&group);
-    let ann_dir = root.join(format!("group{group}")).join(format!("{group}_not"));
+    let ann_dir = root
+        .join(format!("group{group}"))
+        .join(format!("{group}_not"));
     fs::create_dir_all(&img_dir)?;
     fs::create_dir_all(&ann_dir)?;
     let mut lines = Vec::with_capacity(count);
     for i in 0..count {
         let stem = format!("{group}{i:03}");
         let board = generate_board(
-            seed.wrapping_mul(1_000_003).wrapping_add((plant as u64) << 20 | i as u64),
+            seed.wrapping_mul(1_000_003)
+                .wrapping_add((plant as u64) << 20 | i as u64),
             size,
             style,
             4,
         );
         save_gray(&img_dir.join(format!("{stem}_test.jpg")), &board.test, size)?;
-        save_gray(&img_dir.join(format!("{stem}_temp.jpg")), &board.template, size)?;
+        save_gray(
+            &img_dir.join(format!("{stem}_temp.jpg")),
+            &board.template,
+            size,
+        )?;
         let mut txt = String::new();
         for (x1, y1, x2, y2, c) in &board.defects {
             let _ = writeln!(txt, "{x1} {y1} {x2} {y2} {}", c + 1);
@@ -174,7 +181,11 @@ pub fn write_default_dataset(
         let style = PlantStyle::sample(seed.wrapping_add(p as u64), alpha);
         let lines = write_plant(root, p, train + test, size, &style, seed)?;
         for (i, l) in lines.iter().enumerate() {
-            let out = if i < train { &mut trainval } else { &mut test_lines };
+            let out = if i < train {
+                &mut trainval
+            } else {
+                &mut test_lines
+            };
             out.push_str(l);
             out.push('\n');
         }
@@ -211,8 +222,14 @@ fn fill_rect(img: &mut [f32], n: usize, x1: usize, y1: usize, x2: usize, y2: usi
 }
 
 fn fill_disc(img: &mut [f32], n: usize, cx: f32, cy: f32, r: f32, v: f32) {
-    let (x0, x1) = ((cx - r).floor().max(0.0) as usize, (cx + r).ceil() as usize + 1);
-    let (y0, y1) = ((cy - r).floor().max(0.0) as usize, (cy + r).ceil() as usize + 1);
+    let (x0, x1) = (
+        (cx - r).floor().max(0.0) as usize,
+        (cx + r).ceil() as usize + 1,
+    );
+    let (y0, y1) = (
+        (cy - r).floor().max(0.0) as usize,
+        (cy + r).ceil() as usize + 1,
+    );
     for y in y0..y1.min(n) {
         for x in x0..x1.min(n) {
             let (dx, dy) = (x as f32 - cx, y as f32 - cy);
@@ -458,7 +475,10 @@ mod tests {
                             (x1 as usize..x2 as usize).contains(&x)
                                 && (y1 as usize..y2 as usize).contains(&y)
                         });
-                        assert!(inside, "seed {seed}: changed pixel ({x},{y}) outside every box");
+                        assert!(
+                            inside,
+                            "seed {seed}: changed pixel ({x},{y}) outside every box"
+                        );
                     }
                 }
             }

@@ -31,7 +31,10 @@ fn manifest(out: &Path, version: u64) -> serde_json::Value {
     let text = fs::read_to_string(out.join(format!("models/v{version:04}.manifest.json"))).unwrap();
     let signed: SignedManifest = serde_json::from_str(&text).unwrap();
     let key = VerifyingKey::load(&out.join("pki/coordinator-signing.pub")).unwrap();
-    signed.verify(&key).expect("manifest signature verifies").clone()
+    signed
+        .verify(&key)
+        .expect("manifest signature verifies")
+        .clone()
 }
 
 fn model(out: &Path, version: u64) -> ModelState {
@@ -82,10 +85,17 @@ fn quickstart_publishes_signed_versions_equal_to_fedavg_of_the_uploads() {
     assert_eq!(samples.len(), 3);
     for version in 2..=3u64 {
         let m = manifest(&out, version);
-        assert_eq!(m["parent"].as_u64(), Some(version - 1), "lineage of v{version}");
+        assert_eq!(
+            m["parent"].as_u64(),
+            Some(version - 1),
+            "lineage of v{version}"
+        );
         let base = model(&out, version - 1);
         let published = model(&out, version);
-        assert_eq!(m["content_hash"].as_str().unwrap(), published.content_hash().to_hex());
+        assert_eq!(
+            m["content_hash"].as_str().unwrap(),
+            published.content_hash().to_hex()
+        );
         let round = version - 1;
         let mut deltas = Vec::new();
         for (plant, n) in &samples {
@@ -107,7 +117,10 @@ fn quickstart_publishes_signed_versions_equal_to_fedavg_of_the_uploads() {
     // A second run in the same folder replaces the models and reuses the keys.
     let key_before = fs::read(out.join("pki/coordinator-signing.pub")).unwrap();
     quickstart::run(&QuickstartConfig { rounds: 1, ..cfg }).expect("second run");
-    assert_eq!(fs::read(out.join("pki/coordinator-signing.pub")).unwrap(), key_before);
+    assert_eq!(
+        fs::read(out.join("pki/coordinator-signing.pub")).unwrap(),
+        key_before
+    );
     assert!(out.join("models/v0002.manifest.json").exists());
     assert!(!out.join("models/v0003.manifest.json").exists());
 }

@@ -2,6 +2,9 @@
 //! with AdamW, linear warmup then cosine decay, an optional FedProx proximal term, mixed
 //! precision on CUDA, progress through a callback that may stop the run, and checkpoints.
 //!
+//! On glibc, training keeps freed memory in the process instead of returning it after every
+//! step (`train/malloc.rs` says why and what it costs).
+//!
 //! Resuming: load a checkpoint with [`Detector::load_checkpoint`] and pass its epoch as
 //! [`TrainConfig::start_epoch`]. Weights, BatchNorm statistics and the schedule position
 //! resume; AdamW's moments do not (they are not checkpointed), so the warmup runs again.
@@ -18,6 +21,7 @@ use super::loss::DEFAULT_BOX_WEIGHT;
 use super::{Detector, DetectorError};
 use crate::data::{Batch, Loader, Preprocess};
 
+mod malloc;
 mod run;
 
 use run::Run;
@@ -251,6 +255,7 @@ pub fn train(
     progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
 ) -> Result<TrainReport, TrainError> {
     cfg.validate()?;
+    malloc::keep_freed_memory();
     tch::manual_seed(cfg.seed as i64);
     let mut run = Run::new(det, data.batches_per_epoch(), cfg)?;
     let mut epoch = cfg.start_epoch;

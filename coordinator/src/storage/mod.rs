@@ -113,7 +113,7 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let db = sled::Config::new().path(dir).open().map_err(sled_err)?;
+        let db = open_sled(dir).map_err(sled_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_err);
         let store = Store {
             plants: tree("plants")?,
@@ -447,3 +447,24 @@ fn same_content(a: &ModelRecord, b: &ModelRecord) -> bool {
         && a.blob_sha256 == b.blob_sha256
         && a.contributors == b.contributors
 }
+
+/// Opens the sled database, waiting up to [`LOCK_WAIT`] for its file lock: a previous `Store`
+/// of this process (a restart in place) or a coordinator that is still shutting down releases
+/// the lock only when sled's background flusher has stopped, shortly after the drop.
+fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long [`Store::open`] waits for another holder of the database lock to let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

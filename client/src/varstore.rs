@@ -1,5 +1,6 @@
-//! Conversion between [`ModelState`] and a tch `VarStore` (feature `torch`): the only place
-//! where federation tensors meet LibTorch tensors.
+//! Conversion between [`ModelState`] and a tch `VarStore`: the only place where federation
+//! tensors meet LibTorch tensors. It lives in the client, not in `common`, so that the
+//! coordinator and the rest of `common` never link LibTorch.
 //!
 //! Every VarStore variable is included, trainable or not: BatchNorm running statistics are
 //! VarStore variables in tch (created by `zeros_no_train` / `ones_no_train`) and are part of
@@ -10,7 +11,7 @@
 use tch::nn::VarStore;
 use tch::{Device, Kind, TchError};
 
-use crate::model::{ModelError, ModelState, Tensor};
+use fedinspect_common::model::{ModelError, ModelState, Tensor};
 
 /// Why a state and a VarStore do not fit together.
 #[derive(Debug, thiserror::Error)]
@@ -37,80 +38,78 @@ pub enum TorchError {
     Tch(#[from] TchError),
 }
 
-impl ModelState {
-    /// Reads every variable of `vs` (as float32, in name order).
-    pub fn from_var_store(vs: &VarStore) -> Result<ModelState, TorchError> {
-        let _guard = tch::no_grad_guard();
-        let mut state = ModelState::new();
-        let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, var) in vars {
-            let shape = usize_shape(&name, &var.size())?;
-            // No-ops (no copy) for the usual contiguous f32 CPU variable.
-            let src = var
-                .f_to_device(Device::Cpu)?
-                .f_to_kind(Kind::Float)?
-                .f_contiguous()?;
-            let numel = src.numel();
-            let mut data = vec![0f32; numel];
-            src.f_copy_data(&mut data, numel)?;
-            state.insert(name, Tensor::new(shape, data)?)?;
-        }
-        Ok(state)
+/// Reads every variable of `vs` (as float32, in name order).
+pub fn state_from_var_store(vs: &VarStore) -> Result<ModelState, TorchError> {
+    let _guard = tch::no_grad_guard();
+    let mut state = ModelState::new();
+    let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in vars {
+        let shape = usize_shape(&name, &var.size())?;
+        // No-ops (no copy) for the usual contiguous f32 CPU variable.
+        let src = var
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?;
+        let numel = src.numel();
+        let mut data = vec![0f32; numel];
+        src.f_copy_data(&mut data, numel)?;
+        state.insert(name, Tensor::new(shape, data)?)?;
     }
+    Ok(state)
+}
 
-    /// Overwrites every variable of `vs` with this state's values; names and shapes must
-    /// match exactly, and nothing is written unless they do.
-    pub fn load_into_var_store(&self, vs: &mut VarStore) -> Result<(), TorchError> {
-        let vars = vs.variables();
-        let missing: Vec<String> = sorted(vars.keys().filter(|k| self.get(k).is_none()));
-        let mut unexpected: Vec<String> = self
-            .names()
-            .filter(|n| !vars.contains_key(*n))
-            .map(str::to_string)
-            .collect();
-        unexpected.sort();
-        if !missing.is_empty() || !unexpected.is_empty() {
-            return Err(TorchError::NameMismatch {
-                missing,
-                unexpected,
+/// Overwrites every variable of `vs` with `state`'s values; names and shapes must match
+/// exactly, and nothing is written unless they do.
+pub fn load_state_into_var_store(state: &ModelState, vs: &mut VarStore) -> Result<(), TorchError> {
+    let vars = vs.variables();
+    let missing: Vec<String> = sorted(vars.keys().filter(|k| state.get(k).is_none()));
+    let mut unexpected: Vec<String> = state
+        .names()
+        .filter(|n| !vars.contains_key(*n))
+        .map(str::to_string)
+        .collect();
+    unexpected.sort();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(TorchError::NameMismatch {
+            missing,
+            unexpected,
+        });
+    }
+    for (name, var) in &vars {
+        let expected = usize_shape(name, &var.size())?;
+        let got = state
+            .get(name)
+            .map(|t| t.shape().to_vec())
+            .unwrap_or_default();
+        if expected != got {
+            return Err(TorchError::ShapeMismatch {
+                name: name.clone(),
+                expected,
+                got,
             });
         }
-        for (name, var) in &vars {
-            let expected = usize_shape(name, &var.size())?;
-            let got = self
-                .get(name)
-                .map(|t| t.shape().to_vec())
-                .unwrap_or_default();
-            if expected != got {
-                return Err(TorchError::ShapeMismatch {
-                    name: name.clone(),
-                    expected,
-                    got,
-                });
-            }
-        }
-        let _guard = tch::no_grad_guard();
-        for (name, mut var) in vars {
-            let Some(t) = self.get(&name) else { continue };
-            let dims = var.size();
-            // SAFETY: `src` borrows `t`'s buffer, which holds exactly numel(dims) f32 values
-            // (shapes were checked above) and outlives `src`: it is dropped at the end of this
-            // iteration, after `f_copy_` has finished copying (copy_ is synchronous for a CPU
-            // source). Nothing writes through `src`.
-            let src = unsafe {
-                tch::Tensor::f_from_blob(
-                    t.data().as_ptr().cast::<u8>(),
-                    &dims,
-                    &[],
-                    Kind::Float,
-                    Device::Cpu,
-                )?
-            };
-            var.f_copy_(&src)?;
-        }
-        Ok(())
     }
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in vars {
+        let Some(t) = state.get(&name) else { continue };
+        let dims = var.size();
+        // SAFETY: `src` borrows `t`'s buffer, which holds exactly numel(dims) f32 values
+        // (shapes were checked above) and outlives `src`: it is dropped at the end of this
+        // iteration, after `f_copy_` has finished copying (copy_ is synchronous for a CPU
+        // source). Nothing writes through `src`.
+        let src = unsafe {
+            tch::Tensor::f_from_blob(
+                t.data().as_ptr().cast::<u8>(),
+                &dims,
+                &[],
+                Kind::Float,
+                Device::Cpu,
+            )?
+        };
+        var.f_copy_(&src)?;
+    }
+    Ok(())
 }
 
 fn sorted<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
@@ -146,7 +145,7 @@ mod tests {
         tch::manual_seed(1);
         let vs = VarStore::new(Device::Cpu);
         small_net(&vs);
-        let state = ModelState::from_var_store(&vs).unwrap();
+        let state = state_from_var_store(&vs).unwrap();
         let names: Vec<&str> = state.names().collect();
         assert_eq!(
             names,
@@ -171,8 +170,8 @@ mod tests {
         tch::manual_seed(2);
         let mut other = VarStore::new(Device::Cpu);
         small_net(&other);
-        changed.load_into_var_store(&mut other).unwrap();
-        let back = ModelState::from_var_store(&other).unwrap();
+        load_state_into_var_store(&changed, &mut other).unwrap();
+        let back = state_from_var_store(&other).unwrap();
         assert_eq!(back, changed);
         assert_eq!(back.content_hash(), changed.content_hash());
     }
@@ -181,7 +180,7 @@ mod tests {
     fn names_are_checked_both_ways_and_shapes_exactly() {
         let vs = VarStore::new(Device::Cpu);
         small_net(&vs);
-        let state = ModelState::from_var_store(&vs).unwrap();
+        let state = state_from_var_store(&vs).unwrap();
 
         let mut mut_vs = VarStore::new(Device::Cpu);
         small_net(&mut_vs);
@@ -191,7 +190,7 @@ mod tests {
             let name = if name == "bn.bias" { "bn.beta" } else { name };
             renamed.insert(name, t.clone()).unwrap();
         }
-        match renamed.load_into_var_store(&mut mut_vs) {
+        match load_state_into_var_store(&renamed, &mut mut_vs) {
             Err(TorchError::NameMismatch {
                 missing,
                 unexpected,
@@ -213,11 +212,11 @@ mod tests {
         }
         let mut target = VarStore::new(Device::Cpu);
         small_net(&target);
-        let before = ModelState::from_var_store(&target).unwrap();
-        let err = reshaped.load_into_var_store(&mut target).unwrap_err();
+        let before = state_from_var_store(&target).unwrap();
+        let err = load_state_into_var_store(&reshaped, &mut target).unwrap_err();
         assert!(matches!(err, TorchError::ShapeMismatch { ref name, .. } if name == "conv.weight"));
         assert_eq!(
-            ModelState::from_var_store(&target).unwrap(),
+            state_from_var_store(&target).unwrap(),
             before,
             "nothing written"
         );

@@ -1,0 +1,489 @@
+//! The plant's federation agent (`client run`): one async task that connects to the
+//! coordinator over mutual TLS, registers, follows the task stream and carries out each train
+//! task, reconnecting with exponential backoff and jitter whenever the connection fails.
+//!
+//! A train task, in order: check the coordinator's signature over the base (the key pinned in
+//! the config), take the base from the cache or download it (`state`), train on a blocking
+//! thread (`local`), sign the update, save it as pending *before* its first byte is sent, and
+//! upload it. A pending update is sent again with the same update id after a broken
+//! connection or a restart, so the coordinator counts it once (it answers "duplicate"). A
+//! refusal is logged with the coordinator's message and the agent waits for the next task.
+//!
+//! Shutdown (the watch channel turns true) is honoured between training steps, while waiting
+//! for a task, and during transfers (a pending update then waits for the next start).
+//!
+//! Reading order: `types`, `error`, `rpc` (the only module that knows protobuf), `state`,
+//! `local`, `capabilities`, `backoff`, then this file.
+
+mod backoff;
+mod capabilities;
+mod error;
+pub mod local;
+pub mod rpc;
+pub mod state;
+pub mod types;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fedinspect_common::arch::ArchConfig;
+use fedinspect_common::manifests;
+use fedinspect_common::ModelState;
+use tch::Device;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::config::{Config, DeviceChoice};
+use backoff::Backoff;
+use local::{Job, Outcome, PlantData, Trained};
+use rpc::Connection;
+use state::{Pending, StateDir};
+use types::{Capabilities, Registration, Task, TrainTask, UpdateHeader};
+
+use error::Scope;
+pub use error::{AgentError, BuildError};
+pub use types::{Event, Faults};
+
+/// How a step ended when it did not fail.
+enum Step {
+    Done,
+    Shutdown,
+}
+
+enum SessionEnd {
+    Shutdown,
+    StreamEnded,
+}
+
+pub struct Agent {
+    config: Config,
+    data: Arc<PlantData>,
+    state: StateDir,
+    device: Device,
+    arch: ArchConfig,
+    capabilities: Capabilities,
+    faults: Faults,
+    events: Option<mpsc::UnboundedSender<Event>>,
+    /// Newest round whose update the coordinator acknowledged in this process.
+    delivered_round: Option<u64>,
+}
+
+impl Agent {
+    /// Loads the plant's data, resolves the device and checks the architecture; blocking.
+    pub fn build(config: Config) -> Result<Self, BuildError> {
+        if let Some(threads) = config.training.threads {
+            tch::set_num_threads(i32::try_from(threads).unwrap_or(i32::MAX));
+        }
+        let device = match config.training.device {
+            DeviceChoice::Auto => Device::cuda_if_available(),
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+            DeviceChoice::Cuda => return Err(BuildError::NoCuda),
+        };
+        let data = PlantData::load(&config.data, &config.model, &config.training)?;
+        let arch = config
+            .model
+            .arch(config.data.channels, data.class_names.len());
+        arch.graph()?;
+        let state = StateDir::open(&config.state_dir)?;
+        let capabilities = capabilities::probe(device, &data);
+        tracing::info!(
+            plant = %config.plant_id,
+            device = %capabilities.device,
+            samples = data.num_samples(),
+            held_out = data.holdout.as_ref().map_or(0, |h| h.len()),
+            "plant agent ready"
+        );
+        Ok(Self {
+            config,
+            data: Arc::new(data),
+            state,
+            device,
+            arch,
+            capabilities,
+            faults: Faults::default(),
+            events: None,
+            delivered_round: None,
+        })
+    }
+
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// A receiver of every [`Event`] from now on.
+    pub fn events(&mut self) -> mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.events = Some(tx);
+        rx
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    /// Runs until `shutdown` turns true (or its sender is dropped), or a fatal error.
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let span = tracing::info_span!("agent", plant = %self.config.plant_id);
+        async move {
+            let a = &self.config.agent;
+            let mut backoff = Backoff::new(a.backoff_initial, a.backoff_max);
+            loop {
+                let reason = match self.session(&mut backoff, &shutdown).await {
+                    Ok(SessionEnd::Shutdown) => return Ok(()),
+                    Ok(SessionEnd::StreamEnded) => "the coordinator ended the task stream".into(),
+                    Err(e) if e.scope() == Scope::Fatal => return Err(e),
+                    Err(e) => e.to_string(),
+                };
+                let delay = backoff.next_delay();
+                tracing::warn!(%reason, delay_ms = delay.as_millis() as u64, "disconnected; reconnecting");
+                self.emit(Event::Disconnected { reason });
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stopped(shutdown.clone()) => return Ok(()),
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One connection: register, deliver a pending update, then follow the task stream.
+    async fn session(
+        &mut self,
+        backoff: &mut Backoff,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<SessionEnd, AgentError> {
+        let connect = async {
+            let mut conn = rpc::connect(&self.config.coordinator, &self.config.tls).await?;
+            let key = self.config.signing_key.verifying_key();
+            let reg = conn.register(&self.capabilities, &key).await.map_err(|e| {
+                if e.is_transient() {
+                    AgentError::Rpc(e)
+                } else {
+                    AgentError::Registration(e)
+                }
+            })?;
+            Ok::<_, AgentError>((conn, reg))
+        };
+        let (mut conn, reg) = tokio::select! {
+            r = connect => r?,
+            () = stopped(shutdown.clone()) => return Ok(SessionEnd::Shutdown),
+        };
+        self.check_registration(&reg)?;
+        backoff.reset();
+        tracing::info!(coordinator = %reg.coordinator_id, "registered");
+        self.emit(Event::Registered {
+            plant_id: reg.plant_id,
+            coordinator_id: reg.coordinator_id,
+        });
+        if let Some(pending) = self.state.pending() {
+            tracing::info!(
+                round = pending.header.round,
+                update = %hex::encode(pending.header.update_id),
+                "sending the pending update again"
+            );
+            if let Step::Shutdown = self.deliver(&mut conn, pending, shutdown).await? {
+                return Ok(SessionEnd::Shutdown);
+            }
+        }
+        let mut tasks = conn.tasks().await?;
+        loop {
+            let next = tokio::select! {
+                t = tasks.next() => t?,
+                () = stopped(shutdown.clone()) => return Ok(SessionEnd::Shutdown),
+            };
+            let task = match next {
+                None => return Ok(SessionEnd::StreamEnded),
+                Some(Task::Other(kind)) => {
+                    tracing::info!(
+                        kind,
+                        "this agent does not carry out such tasks yet; ignoring it"
+                    );
+                    continue;
+                }
+                Some(Task::Train(t)) => t,
+            };
+            let round = task.round;
+            let span = tracing::info_span!("round", round, base = task.base_version);
+            match self
+                .train_round(&mut conn, task, shutdown)
+                .instrument(span)
+                .await
+            {
+                Ok(Step::Done) => {}
+                Ok(Step::Shutdown) => return Ok(SessionEnd::Shutdown),
+                Err(e) if e.scope() == Scope::Task => {
+                    tracing::warn!(round, error = %e, "round given up");
+                    self.emit(Event::TaskFailed {
+                        round,
+                        message: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn check_registration(&self, reg: &Registration) -> Result<(), AgentError> {
+        let pinned = self.config.coordinator.public_key;
+        if reg.coordinator_public_key != pinned.as_bytes() {
+            return Err(AgentError::KeyMismatch {
+                pinned: pinned.to_hex(),
+                found: hex::encode(&reg.coordinator_public_key),
+            });
+        }
+        if reg.plant_id != self.config.plant_id {
+            return Err(AgentError::PlantIdMismatch {
+                registered: reg.plant_id.clone(),
+                certificate: self.config.plant_id.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Carries out one train task, from the signature check to the acknowledged upload.
+    async fn train_round(
+        &mut self,
+        conn: &mut Connection,
+        task: TrainTask,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Step, AgentError> {
+        if self.delivered_round.is_some_and(|r| task.round <= r) {
+            tracing::info!("already delivered an update for this round; ignoring the task");
+            return Ok(Step::Done);
+        }
+        if let Some(p) = self.state.pending() {
+            if (p.header.round, p.header.base_version) == (task.round, task.base_version) {
+                return self.deliver(conn, p, shutdown).await;
+            }
+            self.state.drop_pending();
+        }
+        let stop_at = self.stop_at(&task)?;
+        manifests::verify_model(
+            &self.config.coordinator.public_key,
+            task.base_version,
+            &task.base_hash,
+            &task.base_signature,
+        )
+        .map_err(|e| AgentError::Base {
+            version: task.base_version,
+            reason: format!("its signature does not verify with the pinned coordinator key ({e})"),
+        })?;
+        let Some(base) = self.base_model(conn, &task, shutdown).await? else {
+            return Ok(Step::Shutdown);
+        };
+        let Some(trained) = self.train(&task, base, stop_at, shutdown).await? else {
+            return Ok(Step::Shutdown);
+        };
+        let header = self.signed_header(&task, &trained)?;
+        let pending = Pending {
+            header,
+            payload: trained.payload.into(),
+        };
+        // Saved before the first byte goes out: a retry reuses this update id.
+        self.state.save_pending(&pending, &trained.residual)?;
+        self.deliver(conn, pending, shutdown).await
+    }
+
+    /// When training must stop to leave `deadline_margin` for the upload.
+    fn stop_at(&self, task: &TrainTask) -> Result<Option<Instant>, AgentError> {
+        if task.deadline_unix_ms <= 0 {
+            return Ok(None);
+        }
+        let margin = i64::try_from(self.config.agent.deadline_margin.as_millis()).unwrap_or(0);
+        let left_ms = task.deadline_unix_ms - now_unix_ms() - margin;
+        if left_ms <= 0 {
+            return Err(AgentError::TooLate {
+                round: task.round,
+                left_ms: left_ms + margin,
+            });
+        }
+        Ok(Some(
+            Instant::now() + Duration::from_millis(left_ms.unsigned_abs()),
+        ))
+    }
+
+    /// The task's base from the cache, or downloaded and cached; `None` on shutdown.
+    async fn base_model(
+        &mut self,
+        conn: &mut Connection,
+        task: &TrainTask,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Option<ModelState>, AgentError> {
+        let ready = |from_cache| Event::BaseReady {
+            round: task.round,
+            version: task.base_version,
+            from_cache,
+        };
+        if let Some(model) = self.state.cached_model(&task.base_hash) {
+            self.emit(ready(true));
+            return Ok(Some(model));
+        }
+        let bytes = tokio::select! {
+            b = conn.download(task.base_version) => b?,
+            () = stopped(shutdown.clone()) => return Ok(None),
+        };
+        let refuse = |reason: String| AgentError::Base {
+            version: task.base_version,
+            reason,
+        };
+        let (model, _) = ModelState::from_safetensors_bytes(&bytes)
+            .map_err(|e| refuse(format!("the download is not a model ({e})")))?;
+        if model.content_hash() != task.base_hash {
+            return Err(refuse(
+                "the download's content hash differs from the signed one".into(),
+            ));
+        }
+        self.state.store_model(&task.base_hash, &bytes)?;
+        tracing::info!(bytes = bytes.len(), "base model downloaded");
+        self.emit(ready(false));
+        Ok(Some(model))
+    }
+
+    /// Trains on a blocking thread; shutdown stops it at the next step (`None`).
+    async fn train(
+        &mut self,
+        task: &TrainTask,
+        base: ModelState,
+        stop_at: Option<Instant>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Option<Box<Trained>>, AgentError> {
+        let cfg = &self.config.training;
+        let batch = cfg.batch_size.unwrap_or(match task.plan.batch_size {
+            0 => 8,
+            n => n as usize,
+        });
+        let layout = fedinspect_common::delta::Layout::of(&base);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            arch: self.arch.clone(),
+            class_names: self.data.class_names.clone(),
+            device: self.device,
+            train: local::train_config(cfg, &task.plan, task.round, task.base_version, &base),
+            residual: self.state.residual(&layout),
+            base,
+            loader: self.data.train_loader(batch)?,
+            holdout: self.data.holdout_loader(),
+            codec: task.plan.codec,
+            cancel: cancel.clone(),
+            stop_at,
+        };
+        let watcher = tokio::spawn({
+            let rx = shutdown.clone();
+            async move {
+                stopped(rx).await;
+                cancel.store(true, Ordering::Relaxed);
+            }
+        });
+        let span = tracing::Span::current();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            local::run(job)
+        })
+        .await;
+        watcher.abort();
+        let outcome = joined.map_err(|e| AgentError::Join(e.to_string()))??;
+        let trained = match outcome {
+            Outcome::Cancelled => return Ok(None),
+            Outcome::Trained(t) => t,
+        };
+        tracing::info!(
+            steps = trained.report.steps,
+            seconds = trained.report.seconds,
+            loss = trained.report.last_loss,
+            bytes = trained.payload.len(),
+            "trained"
+        );
+        self.emit(Event::Trained {
+            round: task.round,
+            steps: trained.report.steps,
+            seconds: trained.report.seconds,
+        });
+        Ok(Some(trained))
+    }
+
+    /// The update's header with a fresh update id, signed with the plant's key.
+    fn signed_header(&self, task: &TrainTask, t: &Trained) -> Result<UpdateHeader, AgentError> {
+        let digest = rpc::sha256(&t.payload);
+        let mut header = UpdateHeader {
+            update_id: rand::random(),
+            round: task.round,
+            base_version: task.base_version,
+            base_hash: task.base_hash,
+            codec: task.plan.codec,
+            num_samples: self.data.num_samples(),
+            payload_bytes: t.payload.len() as u64,
+            payload_sha256: digest.try_into().expect("SHA-256 has 32 bytes"),
+            plant_signature: Vec::new(),
+            metrics: t.metrics.clone(),
+        };
+        header.plant_signature = header
+            .manifest(&self.config.plant_id)
+            .sign(&self.config.signing_key)?;
+        Ok(header)
+    }
+
+    /// Uploads a pending update. Acknowledged (or a duplicate): delivered. Refused: dropped,
+    /// with the coordinator's message logged. The connection failed: kept for the next try.
+    async fn deliver(
+        &mut self,
+        conn: &mut Connection,
+        p: Pending,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Step, AgentError> {
+        let round = p.header.round;
+        let id = p.header.update_id;
+        let sent = tokio::select! {
+            r = conn.upload(&p.header, p.payload.clone()) => r,
+            () = stopped(shutdown.clone()) => return Ok(Step::Shutdown),
+        };
+        match sent {
+            Ok(_) if self.faults.lose_first_ack => {
+                self.faults.lose_first_ack = false;
+                Err(AgentError::InjectedAckLoss(hex::encode(id)))
+            }
+            Ok(ack) => {
+                self.state.delivered()?;
+                self.delivered_round = self.delivered_round.max(Some(round));
+                tracing::info!(update = %hex::encode(id), duplicate = ack.duplicate, "update delivered");
+                self.emit(Event::Delivered {
+                    round,
+                    update_id: id,
+                    duplicate: ack.duplicate,
+                });
+                Ok(Step::Done)
+            }
+            Err(e) if e.is_transient() => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(update = %hex::encode(id), refusal = %e, "the coordinator refused the update; dropping it");
+                self.state.drop_pending();
+                self.emit(Event::Refused {
+                    round,
+                    message: e.to_string(),
+                });
+                Ok(Step::Done)
+            }
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+/// Resolves once shutdown is asked for, or when nobody can ask any more.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

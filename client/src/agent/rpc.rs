@@ -1,0 +1,244 @@
+//! The agent's gRPC edge: one mutual-TLS connection to the coordinator and the four calls a
+//! plant makes on it. Only this module and its `from_proto` / `to_proto` children know
+//! protobuf; every message becomes a domain type (or an [`RpcError`]) here.
+
+mod from_proto;
+mod to_proto;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedinspect_common::signing::VerifyingKey;
+use fedinspect_common::tls::TonicPem;
+use fedinspect_proto::v1 as pb;
+use fedinspect_proto::v1::federation_client::FederationClient;
+use fedinspect_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{Code, Status, Streaming};
+
+use super::types::{Capabilities, Registration, Task, UpdateHeader, UploadAck};
+use crate::config::CoordinatorConfig;
+
+/// Largest model download accepted (the default detector is about 3.5 MB).
+pub const MAX_MODEL_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("cannot connect to the coordinator at {address}: {source}; check the address, the network and that the coordinator runs")]
+    Connect {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{call} failed ({code:?}): {message}")]
+    Status {
+        call: &'static str,
+        code: Code,
+        message: String,
+    },
+    #[error("the coordinator sent a malformed {what}: {reason}")]
+    Malformed { what: &'static str, reason: String },
+}
+
+impl RpcError {
+    fn status(call: &'static str, s: Status) -> Self {
+        RpcError::Status {
+            call,
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+
+    /// The gRPC code of a refusal; `None` for connection and protocol failures.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            RpcError::Status { code, .. } => Some(*code),
+            RpcError::Connect { .. } | RpcError::Malformed { .. } => None,
+        }
+    }
+
+    /// Whether the same request may succeed over a new connection: the network or the
+    /// coordinator failed, rather than the coordinator refusing the request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RpcError::Connect { .. } | RpcError::Malformed { .. } => true,
+            RpcError::Status { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::Aborted
+                    | Code::DataLoss
+                    | Code::Internal
+                    | Code::ResourceExhausted
+            ),
+        }
+    }
+}
+
+/// An open connection to the coordinator.
+pub struct Connection {
+    client: FederationClient<Channel>,
+}
+
+/// The coordinator's task stream.
+pub struct TaskStream(Streaming<pb::Task>);
+
+/// Connects over mutual TLS with the plant's certificate, trusting only the configured CA.
+pub async fn connect(cfg: &CoordinatorConfig, pem: &TonicPem) -> Result<Connection, RpcError> {
+    let fail = |source| RpcError::Connect {
+        address: cfg.address.clone(),
+        source,
+    };
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pem.ca_pem))
+        .identity(Identity::from_pem(&pem.cert_pem, &pem.key_pem));
+    if let Some(name) = &cfg.server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    let channel = Channel::from_shared(cfg.address.clone())
+        .map_err(|e| RpcError::Malformed {
+            what: "address",
+            reason: e.to_string(),
+        })?
+        .tls_config(tls)
+        .map_err(fail)?
+        .connect_timeout(Duration::from_secs(10))
+        // A silent network on the long-lived task stream is noticed within a minute.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(fail)?;
+    let client = FederationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(Connection { client })
+}
+
+impl Connection {
+    pub async fn register(
+        &mut self,
+        caps: &Capabilities,
+        plant_key: &VerifyingKey,
+    ) -> Result<Registration, RpcError> {
+        let req = to_proto::register(caps, plant_key);
+        let resp = self
+            .client
+            .register(req)
+            .await
+            .map_err(|s| RpcError::status("Register", s))?;
+        from_proto::registration(resp.into_inner())
+    }
+
+    pub async fn tasks(&mut self) -> Result<TaskStream, RpcError> {
+        let req = pb::TasksRequest {
+            protocol_version: PROTOCOL_VERSION,
+        };
+        let stream = self
+            .client
+            .tasks(req)
+            .await
+            .map_err(|s| RpcError::status("Tasks", s))?;
+        Ok(TaskStream(stream.into_inner()))
+    }
+
+    /// Downloads model `version` (0: the latest), checking that the chunks are contiguous,
+    /// at most 1 MiB, agree on the total, and that the bytes match the final SHA-256.
+    pub async fn download(&mut self, version: u64) -> Result<Vec<u8>, RpcError> {
+        const CALL: &str = "DownloadModel";
+        let req = pb::DownloadModelRequest {
+            protocol_version: PROTOCOL_VERSION,
+            version,
+            offset: 0,
+        };
+        let mut stream = self
+            .client
+            .download_model(req)
+            .await
+            .map_err(|s| RpcError::status(CALL, s))?
+            .into_inner();
+        let mut bytes = Vec::new();
+        let mut digest = Vec::new();
+        let mut total = None;
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| RpcError::status(CALL, s))?
+        {
+            let chunk = from_proto::chunk(chunk, bytes.len() as u64, &mut total)?;
+            bytes.extend_from_slice(&chunk.data);
+            digest = chunk.sha256;
+        }
+        let malformed = |reason: String| RpcError::Malformed {
+            what: "model download",
+            reason,
+        };
+        if Some(bytes.len() as u64) != total {
+            return Err(malformed(format!(
+                "the stream ended after {} of {:?} bytes",
+                bytes.len(),
+                total
+            )));
+        }
+        if digest != sha256(&bytes) {
+            return Err(malformed(
+                "the bytes do not match the SHA-256 of the last chunk".into(),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Sends `header`, then `payload` in chunks of at most 1 MiB from byte 0.
+    pub async fn upload(
+        &mut self,
+        header: &UpdateHeader,
+        payload: Arc<[u8]>,
+    ) -> Result<UploadAck, RpcError> {
+        let total = payload.len() as u64;
+        let chunks = payload.len().div_ceil(CHUNK_BYTES);
+        let first = pb::UploadUpdateRequest {
+            part: Some(pb::upload_update_request::Part::Header(
+                to_proto::update_header(header),
+            )),
+        };
+        let rest = (0..chunks).map(move |i| {
+            let start = i * CHUNK_BYTES;
+            let end = (start + CHUNK_BYTES).min(payload.len());
+            pb::UploadUpdateRequest {
+                part: Some(pb::upload_update_request::Part::Chunk(pb::Chunk {
+                    offset: start as u64,
+                    data: payload[start..end].to_vec(),
+                    total_bytes: total,
+                    sha256: Vec::new(),
+                })),
+            }
+        });
+        let parts = tokio_stream::iter(std::iter::once(first).chain(rest));
+        let resp = self
+            .client
+            .upload_update(parts)
+            .await
+            .map_err(|s| RpcError::status("UploadUpdate", s))?;
+        from_proto::upload_ack(resp.into_inner(), &header.update_id)
+    }
+}
+
+impl TaskStream {
+    /// The next task; `None` when the coordinator ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Task>, RpcError> {
+        match self.0.message().await {
+            Ok(Some(task)) => from_proto::task(task).map(Some),
+            Ok(None) => Ok(None),
+            Err(s) => Err(RpcError::status("Tasks", s)),
+        }
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}

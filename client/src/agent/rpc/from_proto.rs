@@ -1,0 +1,170 @@
+//! Protobuf messages from the coordinator into the agent's types, by exhaustive destructuring
+//! (a new field breaks the build here instead of being ignored).
+
+use fedinspect_common::delta::Codec;
+use fedinspect_common::ModelHash;
+use fedinspect_proto::v1 as pb;
+use fedinspect_proto::{CHUNK_BYTES, PROTOCOL_VERSION};
+
+use super::{RpcError, MAX_MODEL_BYTES};
+use crate::agent::types::{Registration, Task, TrainPlan, TrainTask, UploadAck};
+
+fn malformed(what: &'static str, reason: impl Into<String>) -> RpcError {
+    RpcError::Malformed {
+        what,
+        reason: reason.into(),
+    }
+}
+
+pub fn registration(r: pb::RegisterResponse) -> Result<Registration, RpcError> {
+    let pb::RegisterResponse {
+        protocol_version,
+        plant_id,
+        coordinator_id,
+        coordinator_public_key,
+    } = r;
+    if protocol_version != PROTOCOL_VERSION {
+        return Err(malformed(
+            "registration",
+            format!("protocol version {protocol_version}, this plant speaks {PROTOCOL_VERSION}; upgrade the older side"),
+        ));
+    }
+    Ok(Registration {
+        plant_id,
+        coordinator_id,
+        coordinator_public_key,
+    })
+}
+
+pub fn task(t: pb::Task) -> Result<Task, RpcError> {
+    let pb::Task { kind } = t;
+    match kind {
+        Some(pb::task::Kind::Train(t)) => train_task(t).map(Task::Train),
+        Some(pb::task::Kind::InstallBundle(_)) => Ok(Task::Other("install_bundle")),
+        Some(pb::task::Kind::Wait(_)) => Ok(Task::Other("wait")),
+        None => Err(malformed("task", "no kind set")),
+    }
+}
+
+fn train_task(t: pb::TrainTask) -> Result<TrainTask, RpcError> {
+    let pb::TrainTask {
+        round,
+        base_version,
+        base_hash,
+        base_signature,
+        plan,
+        deadline_unix_ms,
+    } = t;
+    let base_hash = ModelHash(base_hash.as_slice().try_into().map_err(|_| {
+        malformed(
+            "train task",
+            format!("base_hash of {} bytes", base_hash.len()),
+        )
+    })?);
+    let plan = plan.ok_or_else(|| malformed("train task", "no plan"))?;
+    Ok(TrainTask {
+        round,
+        base_version,
+        base_hash,
+        base_signature,
+        plan: train_plan(plan)?,
+        deadline_unix_ms,
+    })
+}
+
+fn train_plan(p: pb::TrainPlan) -> Result<TrainPlan, RpcError> {
+    let pb::TrainPlan {
+        local_epochs,
+        learning_rate,
+        fedprox_mu,
+        codec,
+        q8_block,
+        batch_size,
+    } = p;
+    let codec = match pb::Codec::try_from(codec) {
+        Ok(pb::Codec::F32) => Codec::F32,
+        Ok(pb::Codec::F16) => Codec::F16,
+        Ok(pb::Codec::Q8) => Codec::Q8 { block: q8_block }
+            .validate()
+            .map_err(|e| malformed("train plan", e.to_string()))?,
+        Ok(pb::Codec::Unspecified) | Err(_) => {
+            return Err(malformed("train plan", format!("codec {codec}")))
+        }
+    };
+    if local_epochs == 0 {
+        return Err(malformed("train plan", "0 local epochs"));
+    }
+    if !(learning_rate.is_finite() && learning_rate > 0.0) {
+        return Err(malformed(
+            "train plan",
+            format!("learning rate {learning_rate}"),
+        ));
+    }
+    if !(fedprox_mu.is_finite() && fedprox_mu >= 0.0) {
+        return Err(malformed("train plan", format!("FedProx mu {fedprox_mu}")));
+    }
+    Ok(TrainPlan {
+        local_epochs,
+        learning_rate,
+        fedprox_mu,
+        codec,
+        batch_size,
+    })
+}
+
+/// A download chunk, checked against the bytes received so far and the total seen so far.
+pub fn chunk(c: pb::Chunk, received: u64, total: &mut Option<u64>) -> Result<pb::Chunk, RpcError> {
+    const WHAT: &str = "model download";
+    if c.offset != received {
+        return Err(malformed(
+            WHAT,
+            format!("a chunk at byte {} after {received} bytes", c.offset),
+        ));
+    }
+    if c.data.len() > CHUNK_BYTES {
+        return Err(malformed(
+            WHAT,
+            format!("a chunk of {} bytes", c.data.len()),
+        ));
+    }
+    if c.total_bytes > MAX_MODEL_BYTES {
+        return Err(malformed(
+            WHAT,
+            format!(
+                "{} bytes, over the {MAX_MODEL_BYTES} byte limit",
+                c.total_bytes
+            ),
+        ));
+    }
+    match *total {
+        Some(t) if t != c.total_bytes => {
+            return Err(malformed(
+                WHAT,
+                format!("the total changed from {t} to {}", c.total_bytes),
+            ))
+        }
+        _ => *total = Some(c.total_bytes),
+    }
+    if received + c.data.len() as u64 > c.total_bytes {
+        return Err(malformed(WHAT, "more bytes than the announced total"));
+    }
+    Ok(c)
+}
+
+pub fn upload_ack(r: pb::UploadUpdateResponse, sent_id: &[u8; 16]) -> Result<UploadAck, RpcError> {
+    let pb::UploadUpdateResponse {
+        update_id,
+        duplicate,
+        delta_sha256,
+    } = r;
+    if update_id != sent_id {
+        return Err(malformed(
+            "upload acknowledgement",
+            "it names another update id",
+        ));
+    }
+    Ok(UploadAck {
+        duplicate,
+        delta_sha256,
+    })
+}

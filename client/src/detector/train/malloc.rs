@@ -1,0 +1,40 @@
+//! glibc malloc tuning for training: keep freed activation memory instead of handing it back
+//! to the kernel after every step.
+//!
+//! A training step allocates and frees hundreds of MB of activations and gradients. With
+//! glibc's defaults a process with no other heap churn trims the heap top and unmaps large
+//! chunks after each step, so the next step faults every page in again (about 15k minor
+//! faults, 60 MB of page zeroing per step for the default detector at batch 8, 320x320):
+//! about 9% of the step time measured against the same step with the settings below (259
+//! faults per step). Python processes escape most of this by accident (their own small
+//! allocations pin the heap top).
+//!
+//! The settings are process-wide and only raise the memory the process keeps to its peak
+//! (plus 64 MB); they are a no-op off glibc.
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(super) fn keep_freed_memory() {
+    // Parameter numbers from glibc's <malloc.h>.
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_TOP_PAD: i32 = -2;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // Largest allocation served from the heap rather than its own mapping (glibc's ceiling
+    // for this setting on 64-bit); free memory kept at the heap top before trimming; extra
+    // memory requested (and kept) whenever the heap grows.
+    const MMAP_THRESHOLD: i32 = 32 << 20;
+    const TRIM_THRESHOLD: i32 = 1 << 30;
+    const TOP_PAD: i32 = 64 << 20;
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    // SAFETY: mallopt only sets allocator parameters, under glibc's own arena lock; it takes
+    // no pointers. A refused value (return 0) leaves glibc's default in place, which is safe.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        mallopt(M_TOP_PAD, TOP_PAD);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(super) fn keep_freed_memory() {}
