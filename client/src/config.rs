@@ -5,6 +5,7 @@
 //!
 //! Relative paths are taken relative to the folder of the config file.
 
+use fedinspect_common::config_problems::{resolve, Problems};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,7 +262,10 @@ impl Config {
     /// Validates `raw`, resolving relative paths against `base`; returns every problem found.
     /// Creates the state folder and, when everything else is valid, the signing key.
     pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Self, Vec<String>> {
-        let mut p = Problems::default();
+        let mut p = Problems::new(
+            "plant.example.toml",
+            "fix the path or get the file from the operator who enrolled this plant",
+        );
         let coordinator = coordinator(raw.coordinator, base, &mut p);
         let tls = tls(raw.tls, base, &mut p);
         let state_dir = match raw.state.dir {
@@ -287,10 +291,10 @@ impl Config {
         let (Some(coordinator), Some((plant_id, tls)), Some(state_dir), Some(data)) =
             (coordinator, tls, state_dir, data)
         else {
-            return Err(p.0);
+            return Err(p.into_vec());
         };
-        if !p.0.is_empty() {
-            return Err(p.0);
+        if !p.is_empty() {
+            return Err(p.into_vec());
         }
         let signing_key = plant_signing_key(&state_dir).map_err(|e| vec![e.to_string()])?;
         Ok(Config {
@@ -526,48 +530,5 @@ fn agent(raw: RawAgent, p: &mut Problems) -> AgentConfig {
         backoff_initial: Duration::from_millis(initial),
         backoff_max: Duration::from_secs(max),
         deadline_margin: Duration::from_secs(raw.deadline_margin_secs.unwrap_or(30)),
-    }
-}
-
-fn resolve(base: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
-}
-
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn push(&mut self, problem: String) {
-        self.0.push(problem);
-    }
-
-    fn missing<T>(&mut self, field: &str, what: &str) -> Option<T> {
-        self.push(format!("{field}: missing; set it to {what}"));
-        None
-    }
-
-    fn existing_file(
-        &mut self,
-        base: &Path,
-        field: &str,
-        value: Option<PathBuf>,
-    ) -> Option<PathBuf> {
-        let Some(value) = value else {
-            return self.missing(field, "a file path (see plant.example.toml)");
-        };
-        let path = resolve(base, &value);
-        if path.is_file() {
-            Some(path)
-        } else {
-            self.push(format!(
-                "{field}: {} does not exist; fix the path or get the file from the operator who enrolled this plant",
-                path.display()
-            ));
-            None
-        }
     }
 }

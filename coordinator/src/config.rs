@@ -4,6 +4,7 @@
 //! Relative paths are taken relative to the folder of the config file, so a config travels
 //! with the files it names.
 
+use fedinspect_common::config_problems::{resolve, Problems};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -184,7 +185,10 @@ impl Config {
 
     /// Validates `raw`, resolving relative paths against `base`; returns every problem found.
     pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Self, Vec<String>> {
-        let mut p = Problems::default();
+        let mut p = Problems::new(
+            "coordinator.example.toml",
+            "create the PKI with `fedinspect-certs init` or fix the path",
+        );
         let listen = match raw.listen.as_deref() {
             None => p.missing("listen", "the address to serve on, e.g. \"0.0.0.0:50051\""),
             Some(s) => s
@@ -223,7 +227,7 @@ impl Config {
                 Some(cert),
                 Some(key),
                 Some(signing_key),
-            ) if p.0.is_empty() => Ok(Config {
+            ) if p.is_empty() => Ok(Config {
                 listen,
                 data_dir,
                 tls: TlsFiles { ca_cert, cert, key },
@@ -232,7 +236,7 @@ impl Config {
                 round,
                 limits,
             }),
-            _ => Err(p.0),
+            _ => Err(p.into_vec()),
         }
     }
 }
@@ -340,49 +344,6 @@ fn limits(raw: RawLimits, p: &mut Problems) -> Limits {
         max_samples_per_plant,
         delta_norm_bound,
         norm_action,
-    }
-}
-
-fn resolve(base: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
-}
-
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn push(&mut self, problem: String) {
-        self.0.push(problem);
-    }
-
-    fn missing<T>(&mut self, field: &str, what: &str) -> Option<T> {
-        self.push(format!("{field}: missing; set it to {what}"));
-        None
-    }
-
-    fn existing_file(
-        &mut self,
-        base: &Path,
-        field: &str,
-        value: Option<PathBuf>,
-    ) -> Option<PathBuf> {
-        let Some(value) = value else {
-            return self.missing(field, "a file path (see coordinator.example.toml)");
-        };
-        let path = resolve(base, &value);
-        if path.is_file() {
-            Some(path)
-        } else {
-            self.push(format!(
-                "{field}: {} does not exist; create the PKI with `fedinspect-certs init` or fix the path",
-                path.display()
-            ));
-            None
-        }
     }
 }
 

@@ -1,0 +1,74 @@
+//! Collecting every problem of a configuration file at once (the two-phase RawConfig →
+//! Config resolution of the coordinator and the client), with messages that say what to do.
+
+use std::path::{Path, PathBuf};
+
+/// Problems found while resolving a config file; reported together, never one at a time.
+pub struct Problems {
+    list: Vec<String>,
+    /// The commented example file a user is pointed to, e.g. `plant.example.toml`.
+    example: &'static str,
+    /// What to do about a configured file that does not exist.
+    missing_file_hint: &'static str,
+}
+
+impl Problems {
+    pub fn new(example: &'static str, missing_file_hint: &'static str) -> Self {
+        Self {
+            list: Vec::new(),
+            example,
+            missing_file_hint,
+        }
+    }
+
+    pub fn push(&mut self, problem: String) {
+        self.list.push(problem);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn into_vec(self) -> Vec<String> {
+        self.list
+    }
+
+    /// Records a missing required field; returns `None` so callers can `return` it.
+    pub fn missing<T>(&mut self, field: &str, what: &str) -> Option<T> {
+        self.push(format!("{field}: missing; set it to {what}"));
+        None
+    }
+
+    /// The path of a required file, resolved against `base`, if it is set and exists.
+    pub fn existing_file(
+        &mut self,
+        base: &Path,
+        field: &str,
+        value: Option<PathBuf>,
+    ) -> Option<PathBuf> {
+        let Some(value) = value else {
+            let what = format!("a file path (see {})", self.example);
+            return self.missing(field, &what);
+        };
+        let path = resolve(base, &value);
+        if path.is_file() {
+            Some(path)
+        } else {
+            self.push(format!(
+                "{field}: {} does not exist; {}",
+                path.display(),
+                self.missing_file_hint
+            ));
+            None
+        }
+    }
+}
+
+/// `path` relative to the config file's folder `base`, unless it is absolute.
+pub fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
