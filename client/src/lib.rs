@@ -4,6 +4,7 @@
 //! The `client` binary wires these into `train`, `eval`, `detect` and `run`.
 
 pub mod agent;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod detector;
