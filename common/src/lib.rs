@@ -14,6 +14,7 @@ pub mod fedavg;
 pub mod fsutil;
 pub mod manifests;
 pub mod model;
+pub mod onnx;
 pub mod pki;
 pub mod signing;
 pub mod tls;
