@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bundle;
 pub mod config;
 pub mod data;
 pub mod detector;

@@ -7,6 +7,7 @@
 //! development PKI ([`pki`]). Nothing in this crate knows about gRPC, sled or images.
 
 pub mod arch;
+pub mod bundle;
 pub mod config_problems;
 pub mod delta;
 pub mod detection;

@@ -9,6 +9,7 @@
 
 pub mod admin_ops;
 pub mod aggregation;
+pub mod bundle;
 pub mod config;
 pub mod error;
 pub mod hub;
