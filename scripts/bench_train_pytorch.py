@@ -8,8 +8,15 @@ it also loads the Rust weights and compares eval-mode outputs on the stored inpu
 
 The training step is the baseline's (shared/baselines/deeppcb_centernet.py): numpy targets,
 focal + 0.1 * L1 loss, AdamW with warmup and cosine, batch 8 of 320x320 crops, 2 channels.
+On CUDA it trains under autocast float16 with a GradScaler, as `client bench` does.
+
+With --infer-batches it also times inference the way `client bench` does (client/src/bench.rs):
+per call, host-to-device copy, eval-mode forward (autocast float16 on CUDA), sigmoid, 3x3
+max-pool peaks, top-100, box gather, and the copy of the results back to the host.
 
 Usage: python scripts/bench_train_pytorch.py [--steps 20] [--warmup 3] [--threads 2]
+                                             [--device cpu|cuda] [--batch 8]
+                                             [--infer-batches 1,8] [--infer-size 640]
                                              [--parity target/detector_parity.safetensors]
 """
 import argparse, math, os, random, resource, sys, time
@@ -181,34 +188,80 @@ def synthetic_batch(rng, B=8, size=320, objects=6):
     return img, boxes
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def infer_latency(net, device, batch, size, iters, warmup):
+    """Median and p99 wall time of one inference call (ms), as client/src/bench.rs measures it."""
+    net.eval()
+    x = torch.full((batch, IN_CH, size, size), 0.2)
+    cuda = device.type == "cuda"
+
+    def call():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            hm, reg = net(x.to(device))
+            hm, reg = hm.float().sigmoid(), reg.float()
+            hm = hm * (F.max_pool2d(hm, 3, 1, 1) == hm).float()
+            n, c, h, w = hm.shape
+            scores, index = hm.view(n, -1).topk(100)
+            cell = (index % (h * w)).unsqueeze(1).expand(n, 4, 100)
+            boxes = reg.view(n, 4, h * w).gather(2, cell)
+            return scores.cpu(), index.cpu(), boxes.cpu()
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter(); call(); times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    rank = lambda q: times[min(len(times), max(1, math.ceil(q * len(times)))) - 1]
+    net.train()
+    return rank(0.5), rank(0.99)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--infer-batches", default="", help="e.g. 1,8: also time inference")
+    ap.add_argument("--infer-size", type=int, default=640)
+    ap.add_argument("--infer-iters", type=int, default=50)
     ap.add_argument("--parity")
     a = ap.parse_args()
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
     torch.set_num_threads(a.threads); torch.manual_seed(0); rng = random.Random(0)
     net = Net()
     n = check_against_golden(net)
     print(f"PyTorch module: {n} parameters, names and shapes match the golden list")
     if a.parity:
         parity(net, a.parity)
-    batches = [synthetic_batch(rng) for _ in range(4)]
+    net.to(device)
+    B = a.batch
+    batches = [synthetic_batch(rng, B) for _ in range(4)]
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     total = a.warmup + a.steps
     marks, cpu_marks = [], []
     for step in range(total):
         lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / total)) * min(1, (step + 1) / 100)
         for g in opt.param_groups: g["lr"] = lr
         img, boxes = batches[step % len(batches)]
-        x = torch.from_numpy(img)
+        x = torch.from_numpy(img).to(device)
         tg = [targets(b, 320, 320) for b in boxes]
-        hm_t = torch.from_numpy(np.stack([t[0] for t in tg])); reg_t = torch.from_numpy(np.stack([t[1] for t in tg]))
-        m = torch.from_numpy(np.stack([t[2] for t in tg])).unsqueeze(1)
-        hm, reg = net(x)
+        hm_t = torch.from_numpy(np.stack([t[0] for t in tg])).to(device)
+        reg_t = torch.from_numpy(np.stack([t[1] for t in tg])).to(device)
+        m = torch.from_numpy(np.stack([t[2] for t in tg])).unsqueeze(1).to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            hm, reg = net(x)
+        hm, reg = hm.float(), reg.float()
         loss = focal(hm, hm_t) + 0.1 * (F.l1_loss(reg * m, reg_t * m, reduction="sum") / m.sum().clamp(min=1))
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad(); scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
         loss.item()
         marks.append(time.perf_counter())
         cpu_marks.append((time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
@@ -216,9 +269,15 @@ def main():
     cpu = cpu_marks[-1][0] - cpu_marks[a.warmup - 1][0]
     faults = (cpu_marks[-1][1] - cpu_marks[a.warmup - 1][1]) // a.steps
     median = sorted(b - a_ for a_, b in zip(marks[a.warmup - 1:], marks[a.warmup:]))[a.steps // 2]
-    print(f"PyTorch {torch.__version__}, {a.threads} threads: {a.steps} steps of 8 at 320x320 in {dt:.2f} s, "
-          f"{a.steps * 8 / dt:.1f} images/s (median step {8 / median:.1f} images/s; "
-          f"{cpu / dt:.2f} cores busy; {faults} page faults/step; last loss {loss.item():.3f})")
+    where = torch.cuda.get_device_name(device) if cuda else f"{a.threads} threads"
+    print(f"PyTorch {torch.__version__}, {where}: {a.steps} steps of {B} at 320x320 in {dt:.2f} s, "
+          f"{a.steps * B / dt:.1f} images/s (median step {B / median:.1f} images/s; "
+          f"{cpu / dt:.2f} cores busy; {faults} page faults/step; last loss {loss.item():.3f}"
+          f"{'; autocast float16' if cuda else ''})")
+    for b in [int(v) for v in a.infer_batches.split(",") if v]:
+        med, p99 = infer_latency(net, device, b, a.infer_size, a.infer_iters, 5)
+        print(f"PyTorch inference: batch {b} at {a.infer_size}x{a.infer_size}: median {med:.2f} ms, "
+              f"p99 {p99:.2f} ms per call ({med / b:.2f} ms per image, {b * 1e3 / med:.1f} images/s)")
 
 
 if __name__ == "__main__":

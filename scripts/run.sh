@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # README command one: the main job. Builds fedinspect, creates a development PKI, and runs a
-# federation of three plants on this machine: each plant trains the detector on its own data,
-# sends a q8-encoded delta, and every round's FedAvg model is versioned, signed and evaluated
-# on the held-out test split. Prints a per-round table and names the data folder at the end.
+# federation on this machine as real processes: `coordinator serve` and three `client run`
+# plants over mutual TLS on 127.0.0.1. Each plant trains the detector on its own data and
+# sends a q8-encoded delta; every round's FedAvg model is versioned and signed by the
+# coordinator, exported through its admin service and evaluated on the held-out test split.
+# Prints a per-round table and names the data folder (models, logs) at the end. Ctrl-C stops
+# every process.
 #
 #   scripts/run.sh                          DeepPCB if the team's copy is next to the clone,
 #                                           else the embedded synthetic plants
@@ -10,8 +13,8 @@
 #   scripts/run.sh --synthetic              the embedded synthetic plants
 #   scripts/run.sh --rounds 6 --codec f16   any `simulate quickstart` option (see --help)
 #
-# Output: .fedinspect/quickstart (OUT=... overrides). Running it again replaces the models and
-# reports and reuses the keys.
+# Output: .fedinspect/quickstart (OUT=... overrides). Running it again replaces the previous
+# run (coordinator data, plant state, models, logs) and reuses the keys and generated data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -33,5 +36,6 @@ if [ "$data_given" = no ] && [ "$synthetic" = no ] && [ -f "$team_data/trainval.
 fi
 
 echo "fedinspect: building (release)"
-cargo build --release --quiet -p fedinspect-simulations --bin simulate
+cargo build --release --quiet -p fedinspect-simulations -p fedinspect-coordinator \
+  -p fedinspect-client --bin simulate --bin coordinator --bin client
 exec target/release/simulate quickstart --out "${OUT:-.fedinspect/quickstart}" "${args[@]}"

@@ -24,10 +24,11 @@ use crate::data::Batch;
 
 pub use checkpoint::CheckpointInfo;
 pub use decode::DecodeParams;
-pub use module::GraphModule;
+pub use module::{GraphModule, Precision};
 pub use train::{
-    train, BatchSource, CheckpointPolicy, FedProx, FixedBatches, Progress, Stop, StopReason,
-    TrainConfig, TrainError, TrainReport,
+    train, AdamWState, BatchSource, CheckpointPolicy, FedProx, FixedBatches, LossScale, Plan,
+    Progress, Resume, Stop, StopReason, TrainConfig, TrainError, TrainReport, TrainingPosition,
+    TrainingState,
 };
 
 /// CUDA when LibTorch sees a GPU, the CPU otherwise.
@@ -142,6 +143,19 @@ impl Detector {
         &self.vs
     }
 
+    /// The variables training updates (BatchNorm running statistics excluded), with their
+    /// names, in name order.
+    pub fn trainable_variables(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.requires_grad())
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
     /// Every variable, BatchNorm running statistics included.
     pub fn state(&self) -> Result<ModelState, DetectorError> {
         Ok(state_from_var_store(&self.vs)?)
@@ -155,7 +169,21 @@ impl Detector {
     /// Runs the network on `images` (`[N, in_channels, H, W]` on this detector's device,
     /// sides multiples of 32). `train` puts BatchNorm in training mode.
     pub fn forward(&self, images: &Tensor, train: bool) -> Result<HeadOutput, DetectorError> {
-        let mut outs = self.module.forward(images, train)?.into_iter();
+        self.forward_in(images, train, Precision::Float32)
+    }
+
+    /// [`Detector::forward`] in `precision` (float16 on CUDA for mixed precision; see
+    /// [`module`]); the outputs are float32 either way.
+    pub fn forward_in(
+        &self,
+        images: &Tensor,
+        train: bool,
+        precision: Precision,
+    ) -> Result<HeadOutput, DetectorError> {
+        let mut outs = self
+            .module
+            .forward_in(images, train, precision)?
+            .into_iter();
         match (outs.next(), outs.next()) {
             (Some(heatmap), Some(boxes)) => Ok(HeadOutput { heatmap, boxes }),
             _ => Err(DetectorError::Batch(
@@ -215,7 +243,12 @@ impl Detector {
     ) -> Result<Vec<Vec<Detection>>, DetectorError> {
         let _guard = tch::no_grad_guard();
         let images = self.images_tensor(batch)?;
-        let out = tch::autocast(self.device().is_cuda(), || self.forward(&images, false))?;
+        let precision = if self.device().is_cuda() {
+            Precision::Float16
+        } else {
+            Precision::Float32
+        };
+        let out = self.forward_in(&images, false, precision)?;
         decode::decode(
             &out.heatmap.f_to_kind(Kind::Float)?,
             &out.boxes.f_to_kind(Kind::Float)?,

@@ -5,8 +5,8 @@ use std::ops::ControlFlow;
 
 use fedinspect_client::detector::synthetic::rectangles;
 use fedinspect_client::detector::{
-    train, CheckpointPolicy, DecodeParams, Detector, FedProx, FixedBatches, Stop, StopReason,
-    TrainConfig,
+    train, CheckpointPolicy, DecodeParams, Detector, FedProx, FixedBatches, Resume, Stop,
+    StopReason, TrainConfig,
 };
 use fedinspect_common::arch::ArchConfig;
 use tch::Device;
@@ -81,6 +81,7 @@ fn callback_can_cancel_and_the_state_is_still_checkpointed() {
             path: path.clone(),
             every_epochs: 1,
             preprocess: None,
+            recipe: None,
         }),
         ..config(Stop::Epochs(100))
     };
@@ -114,6 +115,7 @@ fn resumes_from_a_checkpoint_epoch() {
         path: path.clone(),
         every_epochs: 1,
         preprocess: None,
+        recipe: None,
     };
     let cfg = TrainConfig {
         checkpoint: Some(policy.clone()),
@@ -131,7 +133,7 @@ fn resumes_from_a_checkpoint_epoch() {
     assert_eq!(info.epoch, 2);
     let mut epochs = Vec::new();
     let cfg = TrainConfig {
-        start_epoch: info.epoch,
+        resume: Some(Resume::from_checkpoint(&info)),
         checkpoint: Some(policy),
         ..config(Stop::Epochs(4))
     };
@@ -218,4 +220,172 @@ fn fedprox_refuses_a_reference_of_another_architecture() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("FedProx reference"), "{err}");
+}
+
+/// Two distinct batches per epoch, so where a resumed run starts inside an epoch matters.
+fn two_batches() -> FixedBatches {
+    FixedBatches(vec![
+        rectangles(2, 2, 64, 2, 2, 10),
+        rectangles(2, 2, 64, 2, 2, 11),
+    ])
+}
+
+/// Trains with `cfg` from `det`, stopping early after `cancel_at` steps when given, and
+/// returns the learning rate of every step.
+fn run_collecting_lr(det: &mut Detector, cfg: &TrainConfig, cancel_at: Option<u64>) -> Vec<f64> {
+    let mut lrs = Vec::new();
+    train(det, &mut two_batches(), cfg, &mut |p| {
+        lrs.push(p.lr);
+        if Some(p.step) == cancel_at {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    lrs
+}
+
+/// Largest absolute difference between two states with the same names.
+fn max_abs_diff(a: &fedinspect_common::ModelState, b: &fedinspect_common::ModelState) -> f32 {
+    a.iter()
+        .map(|(name, t)| {
+            t.data()
+                .iter()
+                .zip(b.get(name).unwrap().data())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
+        })
+        .fold(0.0, f32::max)
+}
+
+/// N steps, a checkpoint, then M resumed steps must equal N + M steps in one run: weights,
+/// BatchNorm statistics and the learning rate of every step (no second warmup, the cosine
+/// continues). `stop` is the uninterrupted run's; the first part is cancelled after `n`
+/// steps and the second resumes with `resumed_stop`.
+fn assert_resume_is_exact(stop: Stop, n: u64, resumed_stop: Stop) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.safetensors");
+    let base = TrainConfig {
+        lr: 1e-2,
+        warmup_steps: 4,
+        weight_decay: 1e-2,
+        stop,
+        ..TrainConfig::default()
+    };
+
+    let mut whole = tiny_detector(21);
+    let whole_lrs = run_collecting_lr(&mut whole, &base, None);
+
+    let mut first = tiny_detector(21);
+    let with_checkpoint = TrainConfig {
+        checkpoint: Some(CheckpointPolicy {
+            path: path.clone(),
+            every_epochs: 1,
+            preprocess: None,
+            recipe: None,
+        }),
+        ..base.clone()
+    };
+    let mut lrs = run_collecting_lr(&mut first, &with_checkpoint, Some(n));
+    assert_eq!(lrs.len() as u64, n);
+    let (mut resumed, info) = Detector::load_checkpoint(&path, Device::Cpu).unwrap();
+    let training = info
+        .training
+        .as_ref()
+        .expect("training state in the checkpoint");
+    assert_eq!(training.position.steps_done, n);
+    assert_eq!(training.optimizer.step, n);
+    let resume_cfg = TrainConfig {
+        stop: resumed_stop,
+        resume: Some(Resume::from_checkpoint(&info)),
+        ..base.clone()
+    };
+    lrs.extend(run_collecting_lr(&mut resumed, &resume_cfg, None));
+
+    assert_eq!(lrs, whole_lrs, "learning rates of the resumed run");
+    let (a, b) = (whole.state().unwrap(), resumed.state().unwrap());
+    assert_eq!(
+        a.content_hash(),
+        b.content_hash(),
+        "resumed weights differ from the uninterrupted run's by up to {}",
+        max_abs_diff(&a, &b)
+    );
+
+    // The comparison is sharp enough to see lost optimizer state: the same resume with
+    // AdamW's moments zeroed (everything else kept) ends elsewhere.
+    let (mut restarted, _) = Detector::load_checkpoint(&path, Device::Cpu).unwrap();
+    let mut zeroed = training.clone();
+    zeroed.optimizer.exp_avg = zeroed.optimizer.exp_avg.zeros_like();
+    zeroed.optimizer.exp_avg_sq = zeroed.optimizer.exp_avg_sq.zeros_like();
+    let without_moments = TrainConfig {
+        resume: Some(Resume {
+            epoch: info.epoch,
+            training: Some(zeroed),
+        }),
+        ..resume_cfg
+    };
+    run_collecting_lr(&mut restarted, &without_moments, None);
+    let c = restarted.state().unwrap();
+    assert!(
+        max_abs_diff(&a, &c) > 1e-4,
+        "restarting the moments changed nothing; the test cannot tell"
+    );
+}
+
+#[test]
+fn resuming_mid_epoch_gives_the_weights_of_one_uninterrupted_run() {
+    // Three epochs of two batches; interrupted after the first batch of epoch 1.
+    assert_resume_is_exact(Stop::Epochs(3), 3, Stop::Epochs(3));
+}
+
+#[test]
+fn resuming_a_step_budget_at_an_epoch_boundary_continues_its_cosine() {
+    // Six steps planned; interrupted after four (the end of epoch 1), resumed for two more.
+    assert_resume_is_exact(Stop::Steps(6), 4, Stop::Steps(2));
+}
+
+#[test]
+fn optimizer_state_of_another_architecture_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.safetensors");
+    let mut det = tiny_detector(6);
+    let cfg = TrainConfig {
+        checkpoint: Some(CheckpointPolicy {
+            path: path.clone(),
+            every_epochs: 1,
+            preprocess: None,
+            recipe: None,
+        }),
+        ..config(Stop::Steps(1))
+    };
+    train(&mut det, &mut two_batches(), &cfg, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let (_, info) = Detector::load_checkpoint(&path, Device::Cpu).unwrap();
+    let mut wider = Detector::seeded(
+        ArchConfig {
+            width: 0.5,
+            ..tiny_arch()
+        },
+        vec!["a".into(), "b".into()],
+        Device::Cpu,
+        6,
+    )
+    .unwrap();
+    let resumed = TrainConfig {
+        resume: Some(Resume::from_checkpoint(&info)),
+        ..config(Stop::Steps(1))
+    };
+    let err = train(&mut wider, &mut two_batches(), &resumed, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("cannot resume: the optimizer state does not fit the model: exp_avg of '")
+            && err.contains("has shape"),
+        "{err}"
+    );
 }

@@ -70,7 +70,7 @@ mod strategy;
 mod stream;
 pub mod workload;
 
-pub use canonical::{aggregate_canonical, TILE};
+pub use canonical::{aggregate_canonical, aggregate_canonical_part, TILE};
 pub use error::FedAvgError;
 pub use source::{DeltaSource, PlantUpdate};
 pub use strategy::{FedAvg, Strategy};

@@ -13,6 +13,9 @@ pub mod delta;
 pub mod detection;
 pub mod fedavg;
 pub mod fsutil;
+/// Entry functions of the fuzz targets (`common/fuzz`) and their replay test; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod manifests;
 pub mod model;
 pub mod onnx;

@@ -1,11 +1,16 @@
-//! What the admin service does, without protobuf: status and listings, promotion behind an
-//! evaluation gate, rollback, and plant revocation. Every change is audited.
+//! What the admin service does, without protobuf: status and listings, one round's report,
+//! model export, promotion behind an evaluation gate, rollback, and plant revocation. Every
+//! change and every export is audited.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::CoreError;
 use crate::hub::Hub;
-use crate::records::{now_unix_ms, ModelRecord, ModelStatus, PlantRecord, Revocation, RoundState};
+use crate::records::{
+    now_unix_ms, ModelRecord, ModelStatus, PlantRecord, Revocation, RoundRecord, RoundState,
+    UpdateRecord,
+};
 
 /// The metric a version must have, at least as high as the promoted one's, to be promoted
 /// without `force`.
@@ -51,6 +56,67 @@ pub fn plants(hub: &Hub) -> Result<Vec<(PlantRecord, bool)>, CoreError> {
             (p, c)
         })
         .collect())
+}
+
+/// One round as the coordinator recorded it, with what a report of it needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundReport {
+    pub round: RoundRecord,
+    /// Its accepted updates, in plant-id order.
+    pub updates: Vec<UpdateRecord>,
+    /// Bytes of the base version's safetensors file: what each plant downloads to train.
+    pub base_size_bytes: u64,
+    /// When the version the round published was stored.
+    pub published_unix_ms: Option<i64>,
+}
+
+/// The report of round `round`.
+pub fn round_report(hub: &Hub, round: u64) -> Result<RoundReport, CoreError> {
+    let record = hub.store.round(round)?.ok_or_else(|| {
+        CoreError::AdminRefused(format!(
+            "round {round} does not exist; list rounds with `coordinator admin rounds`"
+        ))
+    })?;
+    let updates = hub.store.updates_of_round(round)?;
+    let base_size_bytes = hub
+        .store
+        .model(record.base_version)?
+        .map_or(0, |m| m.size_bytes);
+    let published_unix_ms = match record.published_version {
+        Some(v) => hub.store.model(v)?.map(|m| m.created_unix_ms),
+        None => None,
+    };
+    Ok(RoundReport {
+        round: record,
+        updates,
+        base_size_bytes,
+        published_unix_ms,
+    })
+}
+
+/// The record of `version` and the path of its safetensors blob, for `admin` to export; the
+/// export is audited (a model leaving the coordinator is worth a line).
+pub fn export_model(
+    hub: &Hub,
+    admin: &str,
+    version: u64,
+) -> Result<(ModelRecord, PathBuf), CoreError> {
+    if version == 0 {
+        return Err(CoreError::AdminRefused(
+            "name the version to export; list versions with `coordinator admin models`".into(),
+        ));
+    }
+    let record = hub
+        .store
+        .model(version)?
+        .ok_or(CoreError::UnknownVersion(version))?;
+    let path = hub.blobs.path_of(&record.blob_sha256);
+    hub.audit(
+        &format!("admin:{admin}"),
+        "export_model",
+        &format!("version {version} exported ({} bytes)", record.size_bytes),
+    );
+    Ok((record, path))
 }
 
 /// Promotes `version`. Without `force` the version must be a candidate with [`GATE_METRIC`]

@@ -1,17 +1,18 @@
 //! Turning a round's accepted deltas into the next model: norm clipping, the strategy call and
-//! the version's metrics. Pure and synchronous: the round driver reads the blobs and calls this
-//! on a blocking thread.
+//! the version's metrics. Pure and synchronous: no I/O of its own; the round driver opens the
+//! stored blobs as [`DeltaSource`]s (which the strategy reads tile by tile) and calls this on a
+//! blocking thread.
 
 use std::collections::BTreeMap;
 
-use fedinspect_common::fedavg::{FedAvgError, PlantUpdate, Strategy};
-use fedinspect_common::ModelState;
+use fedinspect_common::fedavg::{DeltaSource, FedAvgError, PlantUpdate, Strategy};
+use fedinspect_common::{ModelState, Tensor};
 
-/// One accepted update, decoded.
+/// One accepted update: its delta as the strategy reads it (already clipped if it was).
 pub struct Input<'a> {
     pub plant_id: &'a str,
     pub num_samples: u64,
-    pub delta: &'a ModelState,
+    pub delta: &'a dyn DeltaSource,
     pub metrics: &'a BTreeMap<String, f64>,
 }
 
@@ -42,16 +43,35 @@ pub fn aggregate(
     strategy.aggregate(base, &updates)
 }
 
-/// Per metric name, the sample-weighted mean over the plants that reported it, summed in
-/// plant-id order so it is the same on every recomputation. Non-finite values are ignored.
-pub fn weighted_metrics(inputs: &[Input<'_>]) -> BTreeMap<String, f64> {
-    let mut order: Vec<&Input<'_>> = inputs.iter().collect();
-    order.sort_by(|a, b| a.plant_id.cmp(b.plant_id));
+/// Part `part` of `parts` of [`aggregate`]: the tensors of that part, the same values (see
+/// `Strategy::aggregate_part`). The round driver runs the parts on threads of their own.
+pub fn aggregate_part(
+    strategy: &dyn Strategy,
+    base: &ModelState,
+    inputs: &[Input<'_>],
+    part: usize,
+    parts: usize,
+) -> Result<Vec<(String, Tensor)>, FedAvgError> {
+    let updates: Vec<PlantUpdate<'_>> = inputs
+        .iter()
+        .map(|i| PlantUpdate::new(i.plant_id, i.num_samples, i.delta))
+        .collect();
+    strategy.aggregate_part(base, &updates, part, parts)
+}
+
+/// Per metric name, the sample-weighted mean over the plants that reported it, from
+/// (plant id, sample count, metrics), summed in plant-id order so it is the same on every
+/// recomputation. Non-finite values are ignored.
+pub fn weighted_metrics<'a>(
+    plants: impl IntoIterator<Item = (&'a str, u64, &'a BTreeMap<String, f64>)>,
+) -> BTreeMap<String, f64> {
+    let mut order: Vec<(&str, u64, &BTreeMap<String, f64>)> = plants.into_iter().collect();
+    order.sort_by(|a, b| a.0.cmp(b.0));
     let mut sums: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
-    for i in order {
-        for (name, &value) in i.metrics {
-            if value.is_finite() && i.num_samples > 0 {
-                let w = i.num_samples as f64;
+    for (_, num_samples, metrics) in order {
+        for (name, &value) in metrics {
+            if value.is_finite() && num_samples > 0 {
+                let w = num_samples as f64;
                 let e = sums.entry(name).or_default();
                 e.0 += w * value;
                 e.1 += w;
@@ -114,7 +134,11 @@ mod tests {
         let out = aggregate(&FedAvg, &base, &inputs).unwrap();
         // (1·1 + 3·4)/4 = 3.25 and (1·0 + 3·2)/4 = 1.5, added to the base.
         assert_eq!(out.get("w").unwrap().data(), &[4.25, 2.5]);
-        let metrics = weighted_metrics(&inputs);
+        let metrics = weighted_metrics(
+            inputs
+                .iter()
+                .map(|i| (i.plant_id, i.num_samples, i.metrics)),
+        );
         assert_eq!(metrics.len(), 1, "{metrics:?}");
         assert_eq!(metrics["loss"], 3.25);
     }

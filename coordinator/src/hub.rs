@@ -1,7 +1,11 @@
 //! [`Hub`]: the state the rpc handlers and the round driver share: storage, policy, the open
-//! round, the connected plants' task channels, and a change counter the driver waits on.
+//! round (with its running mean, [`Preview`]), the connected plants' task channels, and a
+//! change counter the driver waits on.
 
-use std::collections::BTreeMap;
+mod preview;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fedinspect_common::delta::Layout;
@@ -11,8 +15,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Limits, RoundPolicy};
 use crate::error::CoreError;
-use crate::records::{now_unix_ms, AuditEntry, RoundRecord, TrainPlan, UpdateRecord};
+use crate::records::{now_unix_ms, AuditEntry, Digest, RoundRecord, TrainPlan, UpdateRecord};
 use crate::storage::{BlobStore, RecordOutcome, Store};
+
+pub use preview::{Feed, Preview, PreviewCheck, PreviewOutcome, PreviewStatus};
 
 /// Tasks queued per plant before further ones are dropped (a plant reads them as they come).
 const TASK_QUEUE: usize = 8;
@@ -24,6 +30,10 @@ pub struct OpenRound {
     pub base_signature: Vec<u8>,
     /// Names and shapes of the base model: what every delta must match.
     pub layout: Layout,
+    /// The running mean of the updates accepted so far.
+    pub preview: Preview,
+    /// Bytes of the base model streamed to plants while the round was open.
+    pub bytes_sent: AtomicU64,
 }
 
 /// An instruction for one plant.
@@ -53,9 +63,34 @@ pub struct Hub {
     open: Mutex<Option<Arc<OpenRound>>>,
     sessions: Mutex<BTreeMap<String, mpsc::Sender<PlantTask>>>,
     events: watch::Sender<u64>,
+    /// Update blobs this process hashed as they arrived; aggregation re-hashes only the others
+    /// (those read back after a restart).
+    hashed_at_intake: Mutex<HashSet<Digest>>,
+    /// How the running mean compared with the latest published model.
+    last_preview: Mutex<Option<PreviewCheck>>,
 }
 
 impl OpenRound {
+    pub fn new(
+        record: RoundRecord,
+        base_signature: Vec<u8>,
+        layout: Layout,
+        preview: Preview,
+    ) -> Self {
+        Self {
+            record,
+            base_signature,
+            layout,
+            preview,
+            bytes_sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts `n` bytes of the base model sent to a plant.
+    pub fn count_sent(&self, n: u64) {
+        self.bytes_sent.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn task(&self) -> TrainTask {
         TrainTask {
             round: self.record.round,
@@ -87,7 +122,33 @@ impl Hub {
             open: Mutex::new(None),
             sessions: Mutex::new(BTreeMap::new()),
             events: watch::channel(0).0,
+            hashed_at_intake: Mutex::new(HashSet::new()),
+            last_preview: Mutex::new(None),
         }
+    }
+
+    /// Notes that intake hashed the bytes of blob `digest` as they arrived and stored them.
+    pub fn hashed_at_intake(&self, digest: Digest) {
+        lock(&self.hashed_at_intake).insert(digest);
+    }
+
+    /// Whether intake hashed blob `digest` in this process; forgets it.
+    pub fn take_hashed_at_intake(&self, digest: &Digest) -> bool {
+        lock(&self.hashed_at_intake).remove(digest)
+    }
+
+    /// Forgets every blob hashed at intake (a round ended without reading them).
+    pub fn forget_hashed_at_intake(&self) {
+        lock(&self.hashed_at_intake).clear();
+    }
+
+    /// How the running mean compared with the latest published model, if it was compared.
+    pub fn last_preview_check(&self) -> Option<PreviewCheck> {
+        lock(&self.last_preview).clone()
+    }
+
+    pub fn set_preview_check(&self, check: PreviewCheck) {
+        *lock(&self.last_preview) = Some(check);
     }
 
     /// A receiver that sees a change whenever plants connect or updates are accepted.

@@ -1,14 +1,18 @@
 //! Admission of one plant update, in the order that keeps bad data out of the round: the
 //! header is checked against the plant's registered signing key, the open round and the
-//! limits ([`admit`]), the payload is written to a temporary file while it is hashed
-//! ([`Receiving::chunk`]), then its length and SHA-256 are checked, it is decoded against the
-//! base layout (finite values, exact layout), its norm bounded, and only then is it moved into
-//! the blob store, recorded and acknowledged ([`Receiving::finish`]).
+//! limits ([`admit`]); the payload streams chunk by chunk into a temporary blob and through the
+//! decoder at the same time ([`Receiving::chunk`], see `payload`), which checks names, shapes,
+//! codec, finite values and the trailing checksum and feeds the round's running mean; at the
+//! end its length, SHA-256 and norm are checked, and only then is it fsynced, moved into the
+//! blob store, recorded, flushed and acknowledged ([`Receiving::finish`]).
+
+mod payload;
+mod settle;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fedinspect_common::delta::{self, Codec, DeltaSink};
+use fedinspect_common::delta::{self, Codec};
 use fedinspect_common::manifests::{UpdateManifest, UPDATE_KIND};
 use fedinspect_common::signing::{VerifyingKey, PUBLIC_KEY_LEN};
 use fedinspect_common::ModelHash;
@@ -16,9 +20,11 @@ use fedinspect_common::ModelHash;
 use crate::aggregation::clip_scale;
 use crate::config::NormAction;
 use crate::error::CoreError;
-use crate::hub::{Hub, OpenRound};
+use crate::hub::{Feed, Hub, OpenRound};
 use crate::records::{now_unix_ms, Digest, UpdateId, UpdateRecord};
 use crate::storage::{Incoming, RecordOutcome};
+use payload::{Decoded, PayloadTask};
+use settle::{settle, settle_stored, Settle};
 
 /// Largest payload chunk accepted, as in the protocol.
 pub const CHUNK_BYTES: usize = fedinspect_proto::CHUNK_BYTES;
@@ -62,7 +68,9 @@ pub struct Receiving {
     plant: String,
     header: UpdateHeader,
     round: Arc<OpenRound>,
-    incoming: Incoming,
+    payload: PayloadTask,
+    /// Payload bytes received so far.
+    received: u64,
 }
 
 /// An acknowledged update.
@@ -118,13 +126,15 @@ pub async fn admit(
     check_plant_signature(plant, &record.plant_public_key, &header)?;
     let round = hub.open_round().ok_or(CoreError::NoRoundOpen)?;
     check_against_round(hub, plant, &header, &round)?;
-    let incoming = hub.blobs.incoming().await?;
+    let feed = round.feed(plant, header.num_samples);
+    let payload = PayloadTask::spawn(hub.blobs.clone(), round.clone(), feed);
     Ok(Admission::Fresh(Box::new(Receiving {
         hub: hub.clone(),
         plant: plant.to_string(),
         header,
         round,
-        incoming,
+        payload,
+        received: 0,
     })))
 }
 
@@ -231,12 +241,13 @@ fn check_against_round(
 }
 
 impl Receiving {
-    /// Appends one chunk, which must start where the previous one ended.
-    pub async fn chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), CoreError> {
+    /// Appends one chunk, which must start where the previous one ended. Returns the
+    /// decoder's refusal as soon as it has one.
+    pub async fn chunk(&mut self, offset: u64, data: Vec<u8>) -> Result<(), CoreError> {
         if data.len() > CHUNK_BYTES {
             return Err(CoreError::ChunkTooLarge(data.len()));
         }
-        let expected = self.incoming.len();
+        let expected = self.received;
         if offset != expected {
             return Err(CoreError::ChunkOutOfOrder { offset, expected });
         }
@@ -245,38 +256,55 @@ impl Receiving {
                 declared: self.header.payload_bytes,
             });
         }
-        self.incoming.write(data).await?;
-        Ok(())
+        self.received += data.len() as u64;
+        self.payload.push(data).await
     }
 
-    /// Verifies and decodes the complete payload, stores it and records the update.
-    pub async fn finish(mut self) -> Result<Accepted, CoreError> {
-        let h = &self.header;
-        if self.incoming.len() < h.payload_bytes {
+    /// Checks the complete payload, stores it and records the update. Runs as its own task,
+    /// so that a plant hanging up now cannot interrupt the durable writes half-way.
+    pub async fn finish(self) -> Result<Accepted, CoreError> {
+        tokio::spawn(self.complete())
+            .await
+            .map_err(|e| CoreError::Internal(format!("storing an update failed: {e}")))?
+    }
+
+    async fn complete(self) -> Result<Accepted, CoreError> {
+        let Receiving {
+            hub,
+            plant,
+            header: h,
+            round,
+            payload,
+            received,
+        } = self;
+        if received < h.payload_bytes {
+            // Ending the stream makes the decoder stop and clean up.
+            drop(payload);
             return Err(CoreError::Truncated {
-                got: self.incoming.len(),
+                got: received,
                 expected: h.payload_bytes,
             });
         }
-        let digest = self.incoming.digest();
-        if digest != h.payload_sha256 {
-            return Err(CoreError::PayloadDigest {
-                declared: h.payload_sha256.to_hex(),
-                found: digest.to_hex(),
-            });
-        }
-        self.incoming.sync().await?;
-        let l2_norm = self.decode_norm().await?;
-        let clip = self.norm_verdict(l2_norm)?;
-        let incoming = self.incoming;
-        let stored = blocking(move || incoming.commit().map_err(CoreError::from)).await?;
-        let h = self.header;
+        let Decoded {
+            incoming,
+            l2_norm,
+            feed,
+        } = payload.finish().await?;
+        let checked = check_payload(&hub, &h, &incoming, l2_norm);
+        let clip = match checked {
+            Ok(clip) => clip,
+            Err(e) => {
+                settle(feed, &round, incoming, Settle::Discard).await;
+                return Err(e);
+            }
+        };
+        let (stored, feed) = store_blob(incoming, feed, &round).await?;
         let record = UpdateRecord {
             update_id: h.update_id,
             round: h.round,
-            plant_id: self.plant.clone(),
+            plant_id: plant.clone(),
             base_version: h.base_version,
-            codec: self.round.record.plan.codec,
+            codec: round.record.plan.codec,
             num_samples: h.num_samples,
             payload_bytes: h.payload_bytes,
             delta_sha256: stored,
@@ -286,75 +314,100 @@ impl Receiving {
             clip_scale: clip,
             received_unix_ms: now_unix_ms(),
         };
-        match self.hub.commit_update(&record)? {
-            RecordOutcome::Inserted => {
-                self.hub.store.flush().await?;
-                Ok(Accepted {
-                    record,
-                    duplicate: false,
-                })
-            }
-            RecordOutcome::Duplicate(existing) => Ok(Accepted {
-                record: existing,
-                duplicate: true,
-            }),
-            RecordOutcome::PlantAlreadyContributed(existing) => {
-                Err(CoreError::AlreadyContributed {
-                    plant: self.plant,
-                    round: record.round,
-                    existing: existing.update_id.to_hex(),
-                })
-            }
-            RecordOutcome::IdTaken { .. } => Err(CoreError::UpdateIdTaken {
-                id: record.update_id.to_hex(),
-            }),
-        }
-    }
-
-    /// Decodes the stored payload against the base layout and returns its L2 norm.
-    async fn decode_norm(&self) -> Result<f64, CoreError> {
-        let path = self.incoming.path().to_path_buf();
-        let round = self.round.clone();
-        blocking(move || {
-            let file = std::fs::File::open(&path).map_err(|e| {
-                CoreError::Internal(format!("cannot reopen upload {}: {e}", path.display()))
-            })?;
-            let mut sink = SquareSum(0.0);
-            delta::decode(
-                file,
-                &round.layout,
-                Some(round.record.plan.codec),
-                &mut sink,
-            )
-            .map_err(CoreError::from_delta)?;
-            Ok(sink.0.sqrt())
-        })
-        .await
-    }
-
-    /// `Ok(Some(scale))` when the delta is to be clipped, an error when refused.
-    fn norm_verdict(&self, norm: f64) -> Result<Option<f32>, CoreError> {
-        let Some(bound) = self.hub.limits.delta_norm_bound else {
-            return Ok(None);
-        };
-        match (clip_scale(norm, bound), self.hub.limits.norm_action) {
-            (None, _) => Ok(None),
-            (Some(_), NormAction::Reject) => Err(CoreError::NormExceeded { norm, bound }),
-            (Some(scale), NormAction::Clip) => Ok(Some(scale)),
-        }
+        record_update(&hub, &round, record, feed).await
     }
 }
 
-/// Sum of squares of every value, in stream order.
-struct SquareSum(f64);
-
-impl DeltaSink for SquareSum {
-    fn values(&mut self, _name: &str, _offset: usize, values: &[f32]) {
-        self.0 += values
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>();
+/// Records an update whose blob is stored, settles its running-mean entry (counted only if
+/// the record landed), makes the record durable and says what the plant is told.
+async fn record_update(
+    hub: &Hub,
+    round: &Arc<OpenRound>,
+    record: UpdateRecord,
+    feed: Option<Feed>,
+) -> Result<Accepted, CoreError> {
+    let stored = record.delta_sha256;
+    let outcome = hub.commit_update(&record);
+    let counted = matches!(outcome, Ok(RecordOutcome::Inserted));
+    let how = match (counted, record.clip_scale) {
+        (true, Some(scale)) => Settle::CommitScaled(scale),
+        (true, None) => Settle::Commit,
+        (false, _) => Settle::Discard,
+    };
+    settle_stored(feed, round, hub.blobs.path_of(&stored), how).await;
+    match outcome? {
+        RecordOutcome::Inserted => {
+            hub.hashed_at_intake(stored);
+            hub.store.flush().await?;
+            Ok(Accepted {
+                record,
+                duplicate: false,
+            })
+        }
+        RecordOutcome::Duplicate(existing) => Ok(Accepted {
+            record: existing,
+            duplicate: true,
+        }),
+        RecordOutcome::PlantAlreadyContributed(existing) => Err(CoreError::AlreadyContributed {
+            plant: record.plant_id,
+            round: record.round,
+            existing: existing.update_id.to_hex(),
+        }),
+        RecordOutcome::IdTaken { .. } => Err(CoreError::UpdateIdTaken {
+            id: record.update_id.to_hex(),
+        }),
     }
+}
+
+/// The checks that need the whole payload: its SHA-256 against the header, then the norm
+/// bound. `Ok(Some(scale))` when the delta is to be clipped.
+fn check_payload(
+    hub: &Hub,
+    h: &UpdateHeader,
+    incoming: &Incoming,
+    l2_norm: f64,
+) -> Result<Option<f32>, CoreError> {
+    let digest = incoming.digest();
+    if digest != h.payload_sha256 {
+        return Err(CoreError::PayloadDigest {
+            declared: h.payload_sha256.to_hex(),
+            found: digest.to_hex(),
+        });
+    }
+    let Some(bound) = hub.limits.delta_norm_bound else {
+        return Ok(None);
+    };
+    match (clip_scale(l2_norm, bound), hub.limits.norm_action) {
+        (None, _) => Ok(None),
+        (Some(_), NormAction::Reject) => Err(CoreError::NormExceeded {
+            norm: l2_norm,
+            bound,
+        }),
+        (Some(scale), NormAction::Clip) => Ok(Some(scale)),
+    }
+}
+
+/// Fsyncs the payload and moves it into the blob store. On failure the attempt is taken out
+/// of the running mean first (while its file still exists).
+async fn store_blob(
+    mut incoming: Incoming,
+    feed: Option<Feed>,
+    round: &Arc<OpenRound>,
+) -> Result<(Digest, Option<Feed>), CoreError> {
+    let round = round.clone();
+    blocking(move || {
+        if let Err(e) = incoming.sync() {
+            if let Some(feed) = feed {
+                payload::take_out(feed, incoming.path(), &round);
+            }
+            return Err(e.into());
+        }
+        // A failed rename drops the file, and the feed with it: the preview is then marked
+        // incomplete rather than wrong.
+        let digest = incoming.commit()?;
+        Ok((digest, feed))
+    })
+    .await
 }
 
 /// Runs blocking work off the async threads.

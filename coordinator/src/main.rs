@@ -82,6 +82,15 @@ enum AdminCmd {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// One round in full: times, base size and every accepted update.
+    Round { round: u64 },
+    /// Write a version's safetensors file (as plants download it) to a file, SHA-256 checked.
+    ExportModel {
+        #[arg(long)]
+        version: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Promote a version (needs eval_map50 at least the promoted one's, unless --force).
     Promote {
         version: u64,
@@ -189,6 +198,8 @@ async fn admin(args: AdminArgs) -> Result<()> {
         AdminCmd::Plants => AdminCommand::Plants,
         AdminCmd::Rounds { limit } => AdminCommand::Rounds { limit },
         AdminCmd::Models { limit } => AdminCommand::Models { limit },
+        AdminCmd::Round { round } => AdminCommand::Round { round },
+        AdminCmd::ExportModel { version, out } => AdminCommand::ExportModel { version, out },
         AdminCmd::Promote { version, force } => AdminCommand::Promote { version, force },
         AdminCmd::Rollback { to } => AdminCommand::Rollback { to },
         AdminCmd::Revoke { plant, reason } => AdminCommand::Revoke { plant, reason },

@@ -84,6 +84,13 @@ pub struct RoundRecord {
     /// Accepted updates at close.
     pub participants: u32,
     pub failure: Option<String>,
+    /// Encoded payload bytes of the accepted updates (set at close).
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Bytes of the base model streamed to plants while the round was open, counted since
+    /// this coordinator process opened or resumed it (set at close).
+    #[serde(default)]
+    pub bytes_sent: u64,
 }
 
 /// One accepted update: its payload lives in the blob store under `delta_sha256`.

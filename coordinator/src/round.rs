@@ -5,30 +5,55 @@
 //! States of a round: open → collecting → aggregating → published, or → failed when fewer
 //! than `min_participants` updates arrived by the deadline (or aggregation refused them). On
 //! start, a round found open or collecting resumes collecting (its accepted updates are
-//! durable, its deadline is kept) and one found aggregating is aggregated again; the canonical
-//! FedAvg over the same stored blobs yields the same bits.
+//! durable, its deadline is kept, its running mean is rebuilt from their blobs) and one found
+//! aggregating is aggregated again; the canonical FedAvg over the same stored blobs yields the
+//! same bits.
+//!
+//! Memory grows with the model, not with the number of plants: the published model is the
+//! canonical FedAvg read from the update blobs tile by tile (`storage::DeltaFile`), and the
+//! running mean is one f64 accumulator, reused from round to round. The base model stays in
+//! memory from one round to the next instead of being read back and re-hashed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedinspect_common::delta::{self, Layout};
-use fedinspect_common::fedavg::{FedAvg, Strategy};
-use fedinspect_common::ModelState;
+use fedinspect_common::delta::Layout;
+use fedinspect_common::fedavg::{DeltaSource, FedAvg, Strategy, StreamingFedAvg};
+use fedinspect_common::{ModelState, Tensor};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::aggregation::{self, Input};
 use crate::error::CoreError;
-use crate::hub::{Hub, OpenRound};
+use crate::hub::{Hub, OpenRound, Preview, PreviewOutcome};
 use crate::intake::blocking;
 use crate::records::{
-    now_unix_ms, Contribution, ModelStatus, RoundRecord, RoundState, TrainPlan, UpdateRecord,
+    now_unix_ms, Contribution, ModelRecord, ModelStatus, RoundRecord, RoundState, TrainPlan,
+    UpdateRecord,
 };
 use crate::versions::{NewVersion, Versions};
 
 pub struct RoundDriver {
     hub: Arc<Hub>,
     shutdown: watch::Receiver<bool>,
+    /// The last published version and its model: the next round's base unless rolled back.
+    last: Option<(u64, Arc<ModelState>)>,
+    /// The last round's accumulator, reset for the next one (fresh pages cost more).
+    spare: Option<StreamingFedAvg>,
+}
+
+/// A round's base model, shared by the driver and the blocking aggregation.
+type Base = Arc<ModelState>;
+
+/// What a publish produced.
+struct Published {
+    version: u64,
+    model: Arc<ModelState>,
+    /// Seconds spent reading the blobs and averaging, then storing the version.
+    fedavg_secs: f64,
+    store_secs: f64,
+    plants: usize,
+    samples: u64,
 }
 
 /// How a collection ended.
@@ -39,7 +64,12 @@ enum Collected {
 
 impl RoundDriver {
     pub fn new(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { hub, shutdown }
+        Self {
+            hub,
+            shutdown,
+            last: None,
+            spare: None,
+        }
     }
 
     /// Runs rounds until shutdown or `max_rounds`; returns only on shutdown or a storage
@@ -49,15 +79,15 @@ impl RoundDriver {
             match round.state {
                 RoundState::Open | RoundState::Collecting => {
                     tracing::info!(round = round.round, "resuming round");
-                    let open = self.reopen(round).await?;
+                    let (open, base) = self.reopen(round).await?;
                     if let Collected::Shutdown = self.collect(&open).await? {
                         return Ok(());
                     }
-                    self.close(&open).await?;
+                    self.close(&open, base).await?;
                 }
                 RoundState::Aggregating => {
                     tracing::info!(round = round.round, "recomputing the aggregation of round");
-                    self.aggregate(round).await?;
+                    self.aggregate(round, None, None).await?;
                 }
                 RoundState::Published | RoundState::Failed => {}
             }
@@ -73,11 +103,11 @@ impl RoundDriver {
             if !self.wait_for_plants().await {
                 return Ok(());
             }
-            let open = self.open(done + 1).await?;
+            let (open, base) = self.open(done + 1).await?;
             if let Collected::Shutdown = self.collect(&open).await? {
                 return Ok(());
             }
-            self.close(&open).await?;
+            self.close(&open, base).await?;
         }
     }
 
@@ -98,11 +128,24 @@ impl RoundDriver {
     }
 
     /// Opens round `round` on the newest usable version and sends the train tasks.
-    async fn open(&mut self, round: u64) -> Result<Arc<OpenRound>, CoreError> {
+    async fn open(&mut self, round: u64) -> Result<(Arc<OpenRound>, Base), CoreError> {
         let hub = self.hub.clone();
-        let (base, model) = blocking(move || {
+        let last = self.last.take();
+        let spare = self.spare.take();
+        let (base, model, acc) = blocking(move || {
             let record = hub.store.latest_usable_model()?.ok_or(CoreError::NoModel)?;
-            versions(&hub).load(record.version)
+            let model = match last {
+                Some((version, model)) if version == record.version => model,
+                _ => Arc::new(versions(&hub).load(record.version)?.1),
+            };
+            let acc = match spare {
+                Some(mut acc) => {
+                    acc.reset(&model);
+                    acc
+                }
+                None => StreamingFedAvg::begin(&model),
+            };
+            Ok((record, model, acc))
         })
         .await?;
         let p = &self.hub.policy;
@@ -126,38 +169,58 @@ impl RoundDriver {
             published_version: None,
             participants: 0,
             failure: None,
+            bytes_received: 0,
+            bytes_sent: 0,
         };
         self.hub.store.put_round(&record)?;
         record.state = RoundState::Collecting;
         self.hub.store.put_round(&record)?;
         self.hub.store.flush().await?;
-        let open = Arc::new(OpenRound {
+        let open = Arc::new(OpenRound::new(
             record,
-            base_signature: base.signature,
-            layout: Layout::of(&model),
-        });
+            base.signature,
+            Layout::of(&model),
+            Preview::new(acc),
+        ));
         self.hub.set_open(open.clone())?;
         tracing::info!(round, base = open.record.base_version, "round open");
-        Ok(open)
+        Ok((open, model))
     }
 
-    /// Re-opens a round found open or collecting at start.
-    async fn reopen(&mut self, mut record: RoundRecord) -> Result<Arc<OpenRound>, CoreError> {
+    /// Re-opens a round found open or collecting at start, with its running mean rebuilt from
+    /// the updates it had accepted.
+    async fn reopen(
+        &mut self,
+        mut record: RoundRecord,
+    ) -> Result<(Arc<OpenRound>, Base), CoreError> {
         let hub = self.hub.clone();
-        let version = record.base_version;
-        let (base, model) = blocking(move || versions(&hub).load(version)).await?;
+        let (round, version) = (record.round, record.base_version);
+        let (base, model, preview) = blocking(move || {
+            let (base, model) = versions(&hub).load(version)?;
+            let preview = Preview::new(StreamingFedAvg::begin(&model));
+            let layout = Layout::of(&model);
+            for u in hub.store.updates_of_round(round)? {
+                match hub.blobs.delta(&u.delta_sha256, &layout, u.codec) {
+                    Ok(file) => preview.fold(&u.plant_id, u.num_samples, &file.with_scale(u.clip_scale)),
+                    Err(e) => tracing::warn!(plant = %u.plant_id, error = %e, "cannot add a stored update to the running mean"),
+                }
+            }
+            Ok((base, Arc::new(model), preview))
+        })
+        .await?;
         if record.state == RoundState::Open {
             record.state = RoundState::Collecting;
             self.hub.store.put_round(&record)?;
             self.hub.store.flush().await?;
         }
-        let open = Arc::new(OpenRound {
+        let open = Arc::new(OpenRound::new(
             record,
-            base_signature: base.signature,
-            layout: Layout::of(&model),
-        });
+            base.signature,
+            Layout::of(&model),
+            preview,
+        ));
         self.hub.set_open(open.clone())?;
-        Ok(open)
+        Ok((open, model))
     }
 
     /// Waits for `target_participants` accepted updates or the deadline.
@@ -184,53 +247,122 @@ impl RoundDriver {
     }
 
     /// Stops accepting updates, then fails the round or aggregates it.
-    async fn close(&mut self, open: &OpenRound) -> Result<(), CoreError> {
+    async fn close(&mut self, open: &Arc<OpenRound>, base: Base) -> Result<(), CoreError> {
         self.hub.close(open.record.round);
         let updates = self.hub.store.updates_of_round(open.record.round)?;
         let mut record = open.record.clone();
         record.participants = u32::try_from(updates.len()).unwrap_or(u32::MAX);
         record.closed_unix_ms = Some(now_unix_ms());
+        record.bytes_received = updates.iter().map(|u| u.payload_bytes).sum();
+        record.bytes_sent = open.bytes_sent.load(std::sync::atomic::Ordering::Relaxed);
         let min = self.hub.policy.min_participants as usize;
         if updates.len() < min {
             let why = format!(
                 "only {} of the required {min} plants sent an update by the deadline",
                 updates.len()
             );
+            self.spare = open.preview.take();
             return self.fail(record, why).await;
         }
         record.state = RoundState::Aggregating;
         self.hub.store.put_round(&record)?;
         self.hub.store.flush().await?;
-        self.aggregate(record).await
+        self.aggregate(record, Some(open), Some(base)).await
     }
 
     /// Aggregates a round in the aggregating state and publishes its version; a refusal by
-    /// the strategy or an unreadable update fails the round.
-    async fn aggregate(&mut self, record: RoundRecord) -> Result<(), CoreError> {
+    /// the strategy or an unreadable update fails the round. Then compares the round's
+    /// running mean, when it has one, with what was published.
+    async fn aggregate(
+        &mut self,
+        record: RoundRecord,
+        open: Option<&Arc<OpenRound>>,
+        base: Option<Base>,
+    ) -> Result<(), CoreError> {
         let hub = self.hub.clone();
         let rec = record.clone();
         let started = Instant::now();
-        match blocking(move || publish(&hub, rec)).await {
-            Ok(version) => {
+        let result = blocking(move || {
+            let base = match base {
+                Some(b) => b,
+                None => Arc::new(versions(&hub).load(rec.base_version)?.1),
+            };
+            let published = publish(&hub, rec, &base)?;
+            Ok((base, published))
+        })
+        .await;
+        match result {
+            Ok((base, p)) => {
                 tracing::info!(
                     round = record.round,
-                    version,
+                    version = p.version,
                     secs = started.elapsed().as_secs_f64(),
+                    fedavg_secs = p.fedavg_secs,
+                    store_secs = p.store_secs,
                     "round published"
                 );
+                self.last = Some((p.version, p.model.clone()));
+                if let Some(open) = open {
+                    self.check_preview(open, base, p).await?;
+                }
                 Ok(())
             }
             Err(
                 e @ (CoreError::Aggregation(_)
                 | CoreError::BadDelta(_)
                 | CoreError::Truncated { .. }),
-            ) => self.fail(record, e.to_string()).await,
+            ) => {
+                if let Some(open) = open {
+                    self.spare = open.preview.take();
+                }
+                self.fail(record, e.to_string()).await
+            }
             Err(e) => Err(e),
         }
     }
 
+    /// Compares the round's running mean with the published model (logged, and kept in the
+    /// hub for monitoring), then takes its accumulator back for the next round.
+    async fn check_preview(
+        &mut self,
+        open: &Arc<OpenRound>,
+        base: Base,
+        p: Published,
+    ) -> Result<(), CoreError> {
+        let open = open.clone();
+        let round = open.record.round;
+        let (check, acc) = blocking(move || {
+            let check = open
+                .preview
+                .check(round, &base, &p.model, p.plants, p.samples);
+            Ok((check, open.preview.take()))
+        })
+        .await?;
+        match &check.outcome {
+            PreviewOutcome::Exact => {
+                tracing::info!(round, "running mean equals the published model bit for bit")
+            }
+            PreviewOutcome::Rounding {
+                differing,
+                max_abs_diff,
+            } => tracing::info!(
+                round,
+                differing,
+                max_abs_diff,
+                "running mean differs from the published model by rounding"
+            ),
+            PreviewOutcome::Unavailable(why) => {
+                tracing::warn!(round, reason = %why, "running mean not compared")
+            }
+        }
+        self.hub.set_preview_check(check);
+        self.spare = acc;
+        Ok(())
+    }
+
     async fn fail(&mut self, mut record: RoundRecord, why: String) -> Result<(), CoreError> {
         tracing::warn!(round = record.round, reason = %why, "round failed");
+        self.hub.forget_hashed_at_intake();
         record.state = RoundState::Failed;
         record.failure = Some(why);
         self.hub.store.put_round(&record)?;
@@ -239,31 +371,31 @@ impl RoundDriver {
     }
 }
 
-/// The blocking part of aggregation: reads base and updates, averages, stores the version and
-/// the published round together. Returns the new version.
-fn publish(hub: &Hub, mut record: RoundRecord) -> Result<u64, CoreError> {
+/// The blocking part of aggregation: opens the round's update blobs (re-hashing those this
+/// process did not hash at intake), averages them canonically, stores the version and the
+/// published round together.
+fn publish(hub: &Hub, mut record: RoundRecord, base: &ModelState) -> Result<Published, CoreError> {
     let versions = versions(hub);
-    let (_, base) = versions.load(record.base_version)?;
     let updates = hub.store.updates_of_round(record.round)?;
-    let layout = Layout::of(&base);
-    let deltas = updates
-        .iter()
-        .map(|u| load_delta(hub, &layout, u))
-        .collect::<Result<Vec<_>, _>>()?;
-    let inputs: Vec<Input<'_>> = updates
-        .iter()
-        .zip(&deltas)
-        .map(|(u, d)| Input {
-            plant_id: &u.plant_id,
-            num_samples: u.num_samples,
-            delta: d,
-            metrics: &u.metrics,
-        })
-        .collect();
+    for u in &updates {
+        if !hub.take_hashed_at_intake(&u.delta_sha256) {
+            hub.blobs.verify(&u.delta_sha256)?;
+        }
+    }
     let strategy = FedAvg;
-    let model = aggregation::aggregate(&strategy, &base, &inputs)?;
-    let metrics = aggregation::weighted_metrics(&inputs);
-    let version = hub.store.latest_model()?.map_or(0, |m| m.version) + 1;
+    let started = std::time::Instant::now();
+    let model = average(hub, &strategy, base, &updates)?;
+    let fedavg_secs = started.elapsed().as_secs_f64();
+    let metrics = aggregation::weighted_metrics(
+        updates
+            .iter()
+            .map(|u| (u.plant_id.as_str(), u.num_samples, &u.metrics)),
+    );
+    let version = hub
+        .store
+        .latest_model()?
+        .map_or(0, |m: ModelRecord| m.version)
+        + 1;
     record.state = RoundState::Published;
     record.published_version = Some(version);
     let contributors = updates
@@ -288,18 +420,63 @@ fn publish(hub: &Hub, mut record: RoundRecord) -> Result<u64, CoreError> {
         },
         Some(&record),
     )?;
-    Ok(version)
+    Ok(Published {
+        version,
+        model: Arc::new(model),
+        fedavg_secs,
+        store_secs: started.elapsed().as_secs_f64() - fedavg_secs,
+        plants: updates.len(),
+        samples: updates.iter().map(|u| u.num_samples).sum(),
+    })
 }
 
-/// Decodes a stored update (checked again: the blob store is outside sled) and clips it.
-fn load_delta(hub: &Hub, layout: &Layout, u: &UpdateRecord) -> Result<ModelState, CoreError> {
-    let bytes = hub.blobs.read(&u.delta_sha256)?;
-    let mut delta = delta::decode_to_model(bytes.as_slice(), layout, Some(u.codec))
-        .map_err(CoreError::from_delta)?;
-    if let Some(scale) = u.clip_scale {
-        aggregation::apply_scale(&mut delta, scale);
-    }
-    Ok(delta)
+/// Most threads one aggregation uses (each reads every blob's share of its tensors).
+const MAX_AGGREGATION_THREADS: usize = 4;
+
+/// The strategy's model over the stored updates, computed in parts on up to one thread per
+/// core while the plants wait; each thread reads the blobs through its own files.
+fn average(
+    hub: &Hub,
+    strategy: &FedAvg,
+    base: &ModelState,
+    updates: &[UpdateRecord],
+) -> Result<ModelState, CoreError> {
+    let layout = Layout::of(base);
+    let parts = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_AGGREGATION_THREADS);
+    let part = |part: usize| -> Result<Vec<(String, Tensor)>, CoreError> {
+        let mut files = Vec::with_capacity(updates.len());
+        for u in updates {
+            let file = hub.blobs.delta(&u.delta_sha256, &layout, u.codec)?;
+            files.push(file.with_scale(u.clip_scale));
+        }
+        let inputs: Vec<Input<'_>> = updates
+            .iter()
+            .zip(&files)
+            .map(|(u, d)| Input {
+                plant_id: &u.plant_id,
+                num_samples: u.num_samples,
+                delta: d as &dyn DeltaSource,
+                metrics: &u.metrics,
+            })
+            .collect();
+        Ok(aggregation::aggregate_part(
+            strategy, base, &inputs, part, parts,
+        )?)
+    };
+    let tensors = std::thread::scope(|s| {
+        let others: Vec<_> = (1..parts).map(|p| s.spawn(move || part(p))).collect();
+        let mut all = part(0)?;
+        for t in others {
+            let mine = t
+                .join()
+                .map_err(|_| CoreError::Internal("an aggregation thread panicked".into()))??;
+            all.extend(mine);
+        }
+        Ok::<_, CoreError>(all)
+    })?;
+    Ok(ModelState::from_tensors(tensors)?)
 }
 
 fn versions(hub: &Hub) -> Versions<'_> {

@@ -54,16 +54,29 @@ impl Versions<'_> {
             "strategy": new.strategy,
         });
         let metadata = BTreeMap::from([(METADATA_KEY.to_string(), meta.to_string())]);
-        let bytes = new.model.to_safetensors_bytes(&metadata)?;
-        let blob_sha256 = self.blobs.put_bytes(&bytes)?;
-        let hash = new.model.content_hash();
+        // The content hash is a pass of its own over the model: taken on a second thread
+        // while the file is serialised, hashed and written.
+        let model = new.model;
+        let (stored, hash) = std::thread::scope(|s| {
+            let hash = s.spawn(|| model.content_hash());
+            let stored = model
+                .to_safetensors_bytes(&metadata)
+                .map_err(CoreError::from)
+                .and_then(|bytes| Ok((self.blobs.put_bytes(&bytes)?, bytes.len())));
+            let hash = hash
+                .join()
+                .map_err(|_| CoreError::Internal("hashing the model panicked".into()));
+            (stored, hash)
+        });
+        let (blob_sha256, size) = stored?;
+        let hash = hash?;
         let record = ModelRecord {
             version: new.version,
             parent: new.parent,
             round: new.round,
             content_hash: ModelHashText(hash),
             blob_sha256,
-            size_bytes: bytes.len() as u64,
+            size_bytes: size as u64,
             signature: manifest::sign_model(self.signer, new.version, &hash)?,
             strategy: new.strategy.to_string(),
             contributors: new.contributors,

@@ -1,6 +1,8 @@
 //! Whole rounds over real mutual TLS: three plants complete a round and the published model is
-//! the canonical FedAvg of their deltas; a round short of its minimum fails at the deadline
-//! and the next one opens; the admin flows over the result.
+//! the canonical FedAvg of their deltas; the running mean fed at intake takes refused uploads
+//! out again and equals the published model when the sums are exact; a round short of its
+//! minimum fails at the deadline and the next one opens; sixteen plants registering and
+//! uploading at once are all served; the admin flows over the result.
 
 mod support;
 
@@ -8,6 +10,7 @@ use fedinspect_common::delta::Codec;
 use fedinspect_common::signing::VerifyingKey;
 use fedinspect_common::ModelState;
 use fedinspect_coordinator::config::Limits;
+use fedinspect_coordinator::hub::PreviewOutcome;
 use fedinspect_coordinator::manifest;
 use fedinspect_coordinator::records::RoundState;
 use fedinspect_coordinator::rpc::admin_client::AdminCommand;
@@ -110,6 +113,20 @@ async fn three_plants_complete_a_round_with_the_canonical_fedavg() {
     assert_eq!(r1["state"], RoundState::Published.as_str());
     assert_eq!(r1["published_version"], 2);
     assert_eq!(r1["participants"], 3);
+    // Traffic of the round: the three payloads in, version 1 out to each plant once.
+    let r1 = running.hub().store.round(1).unwrap().unwrap();
+    let v1 = running.hub().store.model(1).unwrap().unwrap();
+    let sent: u64 = payloads.iter().map(|p| p.len() as u64).sum();
+    assert_eq!(r1.bytes_received, sent);
+    assert_eq!(r1.bytes_sent, 3 * v1.size_bytes);
+    // f16 noise is not an exact case: the running mean may differ by rounding, but it held
+    // exactly the three contributions.
+    let check = running.hub().last_preview_check().unwrap();
+    assert_eq!(check.round, 1);
+    assert!(
+        !matches!(check.outcome, PreviewOutcome::Unavailable(_)),
+        "{check:?}"
+    );
 
     // The next round opens on version 2 for the same plants.
     let next = plants[0].next_train().await;
@@ -149,6 +166,163 @@ async fn three_plants_complete_a_round_with_the_canonical_fedavg() {
         .unwrap();
     assert_eq!(models[0]["status"], "rolled_back");
 
+    running.stop(WAIT).await.unwrap();
+}
+
+/// An f32 payload of `delta` whose first value of `head.weight` (the last tensor, so the
+/// tensors before it are decoded and fed to the running mean first) is NaN, with the stream's
+/// checksum recomputed, as a diverged client would send it.
+fn nan_in_last_tensor(delta: &fedinspect_common::ModelState) -> Vec<u8> {
+    let mut d = delta.clone();
+    let marker = 0.123_456_78_f32;
+    d.iter_mut()
+        .find(|(name, _)| *name == "head.weight")
+        .unwrap()
+        .1
+        .data_mut()[0] = marker;
+    let mut bytes = encode(&d, Codec::F32);
+    let at = bytes
+        .windows(4)
+        .position(|w| w == marker.to_le_bytes())
+        .unwrap();
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let body = bytes.len() - 32;
+    let sum = sha256(&bytes[..body]);
+    bytes[body..].copy_from_slice(&sum);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_mean_takes_refused_uploads_out_and_equals_the_published_model() {
+    let site = Site::new(3);
+    let limits = Limits {
+        delta_norm_bound: Some(1.0),
+        ..Limits::default()
+    };
+    let config = site.config("data", policy(3, 3, 30, Codec::F32), limits);
+    let running = start(&config).await;
+    let url = url(&running);
+    let samples = [("plant-1", 120u64), ("plant-2", 300), ("plant-3", 45)];
+    let mut plants = Vec::new();
+    for (id, n) in samples {
+        let mut p = Plant::connect(&site, &url, id).await;
+        p.join(n).await;
+        plants.push(p);
+    }
+    let f32c = pb::Codec::F32;
+    let mut payloads = Vec::new();
+    for (i, p) in plants.iter_mut().enumerate() {
+        let task = p.next_train().await;
+        let delta = exact_delta(i as u64 + 1);
+        let good = encode(&delta, Codec::F32);
+        let n = samples[i].1;
+        // Refused after part of the values reached the running mean: each must be taken out.
+        let refused = match i {
+            0 => {
+                let nan = nan_in_last_tensor(&delta);
+                p.upload(header(&task, &nan, f32c, n, 50), &nan, nan.len())
+                    .await
+            }
+            1 => {
+                p.upload(header(&task, &good, f32c, n, 51), &good, good.len() - 700)
+                    .await
+            }
+            _ => {
+                let big = encode(&synthetic_delta(9, 1.0), Codec::F32);
+                p.upload(header(&task, &big, f32c, n, 52), &big, big.len())
+                    .await
+            }
+        };
+        assert!(refused.is_err(), "plant {i}: {refused:?}");
+        p.upload(
+            header(&task, &good, f32c, n, i as u8 + 1),
+            &good,
+            good.len(),
+        )
+        .await
+        .unwrap();
+        payloads.push(good);
+    }
+    wait_for_version(&site, &url, 2).await;
+    let expected = expected_fedavg(
+        &base_model(),
+        &[
+            ("plant-1", 120, &payloads[0], Codec::F32),
+            ("plant-2", 300, &payloads[1], Codec::F32),
+            ("plant-3", 45, &payloads[2], Codec::F32),
+        ],
+    );
+    let (published, _) = ModelState::from_safetensors_bytes(&plants[0].download(2).await).unwrap();
+    assert_eq!(published, expected);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let check = loop {
+        match running.hub().last_preview_check() {
+            Some(c) if c.round == 1 => break c,
+            _ if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            other => panic!("no comparison for round 1: {other:?}"),
+        }
+    };
+    assert_eq!(check.outcome, PreviewOutcome::Exact);
+    running.stop(WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_plants_registering_and_uploading_at_once_complete_the_round() {
+    const K: usize = 16;
+    let site = Site::new(K);
+    let config = site.config(
+        "data",
+        policy(K as u32, K as u32, 60, Codec::F32),
+        Limits::default(),
+    );
+    let running = start(&config).await;
+    let url = url(&running);
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..K {
+        let (site_pki, url) = (site.pki.clone(), url.clone());
+        tasks.spawn(async move {
+            let id = format!("plant-{}", k + 1);
+            let files = site_pki.plant_files(&id);
+            let ch = channel(&url, &files.ca_cert, &files.cert, &files.key)
+                .await
+                .unwrap();
+            let mut p = Plant {
+                id,
+                client: fedinspect_proto::v1::federation_client::FederationClient::new(ch),
+                tasks: None,
+            };
+            let n = 10 + k as u64;
+            p.join(n).await;
+            let task = p.next_train().await;
+            let payload = encode(&exact_delta(k as u64), Codec::F32);
+            p.upload(
+                header(&task, &payload, pb::Codec::F32, n, k as u8 + 1),
+                &payload,
+                payload.len(),
+            )
+            .await
+            .unwrap();
+            (p.id, n, payload)
+        });
+    }
+    let mut sent = Vec::new();
+    while let Some(done) = tokio::time::timeout(WAIT, tasks.join_next())
+        .await
+        .expect("every plant is served")
+    {
+        sent.push(done.unwrap());
+    }
+    wait_for_version(&site, &url, 2).await;
+    let uploads: Vec<(&str, u64, &[u8], Codec)> = sent
+        .iter()
+        .map(|(id, n, p)| (id.as_str(), *n, p.as_slice(), Codec::F32))
+        .collect();
+    let expected = expected_fedavg(&base_model(), &uploads);
+    let mut p = Plant::connect(&site, &url, "plant-1").await;
+    let (published, _) = ModelState::from_safetensors_bytes(&p.download(2).await).unwrap();
+    assert_eq!(published, expected);
     running.stop(WAIT).await.unwrap();
 }
 
@@ -250,5 +424,15 @@ async fn a_delta_over_the_norm_bound_is_clipped_when_configured() {
     .unwrap();
     let (published, _) = ModelState::from_safetensors_bytes(&p.download(2).await).unwrap();
     assert_eq!(published, expected, "FedAvg of the clipped delta");
+    // The running mean rescaled the clipped delta: with one plant every sum is exact.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running.hub().last_preview_check().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no comparison");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        running.hub().last_preview_check().unwrap().outcome,
+        PreviewOutcome::Exact
+    );
     running.stop(WAIT).await.unwrap();
 }

@@ -1,11 +1,12 @@
-//! `simulate`: federations of plants on one machine, driving the product's own training,
-//! codecs, aggregation and signing code.
+//! `simulate`: federations of plants on one machine. `quickstart` runs the coordinator and
+//! three plant clients as real processes over mutual TLS (README command one).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use fedinspect_common::delta::Codec;
+use fedinspect_simulations::interrupt::Interrupt;
 use fedinspect_simulations::quickstart::{self, QuickstartConfig};
 
 #[derive(Parser)]
@@ -17,20 +18,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Three plants, a few rounds of real training and FedAvg, a table of global mAP per round.
+    /// A coordinator and three plant clients as processes on this machine: rounds of real
+    /// training and FedAvg, a table of the global model's mAP per round.
     Quickstart {
         /// DeepPCB PCBData folder (holds trainval.txt and test.txt). Without it, synthetic
         /// plants are generated.
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Folder for models, keys and reports (a rerun replaces the models).
+        /// Folder for keys, configs, the coordinator's data, models and logs (a rerun
+        /// replaces all but the keys and generated data).
         #[arg(long, default_value = ".fedinspect/quickstart")]
         out: PathBuf,
         #[arg(long, default_value_t = 4)]
         rounds: u32,
-        /// Optimizer steps per plant per round.
-        #[arg(long, default_value_t = 60)]
-        local_steps: u64,
+        /// Epochs each plant trains on its own data per round.
+        #[arg(long, default_value_t = 3)]
+        local_epochs: u32,
         /// Delta codec: f32, f16, q8 or q8:<block>.
         #[arg(long, default_value = "q8")]
         codec: Codec,
@@ -39,37 +42,55 @@ enum Command {
         /// Evaluate at most this many test images per round (0 = all).
         #[arg(long, default_value_t = 0)]
         eval_limit: usize,
-        /// LibTorch CPU threads.
+        /// LibTorch CPU threads of the final evaluation.
         #[arg(long, default_value_t = 2)]
         threads: i32,
+        /// LibTorch CPU threads of each plant process.
+        #[arg(long, default_value_t = 1)]
+        plant_threads: u32,
+        /// Where plants train: auto (CUDA when available), cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        // The cause chain, without a backtrace: these errors say what to do.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Quickstart {
             data,
             out,
             rounds,
-            local_steps,
+            local_epochs,
             codec,
             seed,
             eval_limit,
             threads,
+            plant_threads,
+            device,
         } => {
             let cfg = QuickstartConfig {
                 data,
                 out,
                 rounds,
-                local_steps,
+                local_epochs,
                 codec,
                 seed,
                 eval_limit,
                 threads,
+                plant_threads,
+                device,
                 ..QuickstartConfig::default()
             };
-            quickstart::run(&cfg)?;
+            let interrupt = Interrupt::on_signals()?;
+            quickstart::run(&cfg, interrupt)?;
         }
     }
     Ok(())

@@ -5,9 +5,18 @@
 //! On glibc, training keeps freed memory in the process instead of returning it after every
 //! step (`train/malloc.rs` says why and what it costs).
 //!
-//! Resuming: load a checkpoint with [`Detector::load_checkpoint`] and pass its epoch as
-//! [`TrainConfig::start_epoch`]. Weights, BatchNorm statistics and the schedule position
-//! resume; AdamW's moments do not (they are not checkpointed), so the warmup runs again.
+//! Resuming: every checkpoint written by [`train`] carries a [`TrainingState`] (AdamW's
+//! moments and step count, the schedule position, the batch reached inside the epoch, the loss
+//! scale). Load it with [`Detector::load_checkpoint`] and pass
+//! [`Resume::from_checkpoint`] as [`TrainConfig::resume`]: with the same data and config and
+//! the stop condition that completes the plan ([`Resume::remaining`]), N steps, a checkpoint
+//! and M resumed steps give the weights of N + M steps in one run (bit for bit on the CPU,
+//! `tests/detector_train.rs`; `client train --resume` does this from the command line). LibTorch's generator is reseeded at
+//! every start; the detector draws nothing from it while training, and the data side derives
+//! every draw from `(seed, epoch)`, so nothing random is lost at a checkpoint.
+//!
+//! AdamW is ours (`train/adamw.rs`), not tch's, because tch keeps an optimizer's moments inside
+//! LibTorch where they cannot be saved.
 
 use std::error::Error;
 use std::ops::ControlFlow;
@@ -21,9 +30,13 @@ use super::loss::DEFAULT_BOX_WEIGHT;
 use super::{Detector, DetectorError};
 use crate::data::{Batch, Loader, Preprocess};
 
+mod adamw;
 mod malloc;
+mod resume;
 mod run;
 
+pub use adamw::{BETA1, BETA2, EPS};
+pub use resume::{AdamWState, LossScale, Plan, Resume, TrainingPosition, TrainingState};
 use run::Run;
 
 /// An error from the data side, passed through unchanged.
@@ -80,9 +93,11 @@ impl BatchSource for Loader {
 pub enum Stop {
     /// After this many epochs in total (a resumed run counts the checkpoint's epochs).
     Epochs(u32),
-    /// After this much wall-clock time; the cosine follows elapsed time, like the baseline.
+    /// After this much wall-clock time in this run; the cosine follows elapsed time, like the
+    /// baseline (a resumed run's cosine spans its checkpoint's seconds plus this).
     WallClock(Duration),
-    /// After this many optimizer steps in this run.
+    /// After this many optimizer steps in this run (a resumed run's cosine spans its
+    /// checkpoint's steps plus these).
     Steps(u64),
 }
 
@@ -102,6 +117,8 @@ pub struct CheckpointPolicy {
     pub every_epochs: u32,
     /// Recorded in the checkpoint so evaluation preprocesses alike.
     pub preprocess: Option<Preprocess>,
+    /// Recorded in the checkpoint as [`CheckpointInfo::recipe`](super::CheckpointInfo::recipe).
+    pub recipe: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug)]
@@ -114,8 +131,8 @@ pub struct TrainConfig {
     pub stop: Stop,
     /// Seeds LibTorch (`tch::manual_seed`) and is passed to the batch source.
     pub seed: u64,
-    /// Epochs already done (from a checkpoint); the next epoch is numbered `start_epoch`.
-    pub start_epoch: u32,
+    /// Picks up a checkpointed run ([`Resume::from_checkpoint`]); `None` starts afresh.
+    pub resume: Option<Resume>,
     /// Autocast (float16 with dynamic loss scaling) when the detector is on CUDA.
     pub mixed_precision: bool,
     pub fedprox: Option<FedProx>,
@@ -132,7 +149,7 @@ impl Default for TrainConfig {
             box_weight: DEFAULT_BOX_WEIGHT,
             stop: Stop::Epochs(1),
             seed: 0,
-            start_epoch: 0,
+            resume: None,
             mixed_precision: true,
             fedprox: None,
             checkpoint: None,
@@ -191,6 +208,8 @@ pub enum TrainError {
     Diverged { step: u64, loss: f64 },
     #[error("FedProx reference does not fit the model: {0}")]
     FedProxReference(String),
+    #[error("cannot resume: {0}; resume with the model the checkpoint was written for")]
+    Resume(String),
     #[error("libtorch: {0}")]
     Tch(#[from] TchError),
 }
@@ -211,11 +230,11 @@ impl TrainConfig {
         if !(self.box_weight.is_finite() && self.box_weight >= 0.0) {
             problems.push(format!("box_weight is {}; use 0 or more", self.box_weight));
         }
+        let done = self.resume.as_ref().map_or(0, |r| r.epoch);
         match self.stop {
-            Stop::Epochs(n) if n <= self.start_epoch => problems.push(format!(
-                "stop after {n} epochs but {} are already done",
-                self.start_epoch
-            )),
+            Stop::Epochs(n) if n <= done => {
+                problems.push(format!("stop after {n} epochs but {done} are already done"))
+            }
             Stop::WallClock(d) if d.is_zero() => problems.push("wall-clock budget is 0".into()),
             Stop::Steps(0) => problems.push("stop after 0 steps".into()),
             _ => {}
@@ -258,15 +277,25 @@ pub fn train(
     malloc::keep_freed_memory();
     tch::manual_seed(cfg.seed as i64);
     let mut run = Run::new(det, data.batches_per_epoch(), cfg)?;
-    let mut epoch = cfg.start_epoch;
+    let first_epoch = cfg.resume.as_ref().map_or(0, |r| r.epoch);
+    // Batches of the first epoch that the resumed run trained already.
+    let mut skip = cfg
+        .resume
+        .as_ref()
+        .and_then(|r| r.training.as_ref())
+        .map_or(0, |t| t.position.batches_into_epoch);
+    let mut epoch = first_epoch;
     let mut reason = StopReason::Finished;
     'epochs: while !run.budget_spent(epoch) {
         let batches = data.epoch(epoch, cfg.seed).map_err(TrainError::Data)?;
-        let mut seen = 0usize;
-        run.reset_epoch_loss();
+        let mut seen = 0u64;
+        run.start_epoch(skip);
         for batch in batches {
             let batch = batch.map_err(TrainError::Data)?;
             seen += 1;
+            if seen <= skip {
+                continue;
+            }
             let report = run.step(det, &batch, epoch)?;
             if progress(&report).is_break() {
                 reason = StopReason::Cancelled;
@@ -279,9 +308,11 @@ pub fn train(
         if seen == 0 {
             return Err(TrainError::EmptyEpoch { epoch });
         }
+        skip = 0;
         epoch += 1;
+        run.end_epoch();
         if let Some(policy) = &cfg.checkpoint {
-            if (epoch - cfg.start_epoch) % policy.every_epochs == 0 {
+            if (epoch - first_epoch) % policy.every_epochs == 0 {
                 run.checkpoint(det, policy, epoch)?;
             }
         }
@@ -313,7 +344,10 @@ mod tests {
             lr: 0.0,
             weight_decay: -1.0,
             stop: Stop::Epochs(2),
-            start_epoch: 3,
+            resume: Some(Resume {
+                epoch: 3,
+                training: None,
+            }),
             fedprox: Some(FedProx {
                 mu: f64::NAN,
                 reference: ModelState::new(),

@@ -5,7 +5,7 @@ use super::error::FedAvgError;
 use super::kernels::{self, MAX_FUSED};
 use super::layout::{Entry, Layout};
 use super::source::PlantUpdate;
-use crate::model::ModelState;
+use crate::model::{ModelState, Tensor};
 
 /// Values per accumulator tile: 32 Ki f64 (256 KiB) stay in L2 while every delta streams
 /// through once. The tile size never changes the result, only the speed.
@@ -30,15 +30,60 @@ pub fn aggregate_canonical(
     base: &ModelState,
     updates: &[PlantUpdate<'_>],
 ) -> Result<ModelState, FedAvgError> {
+    let part = aggregate_canonical_part(base, updates, 0, 1)?;
+    Ok(ModelState::from_tensors(part).expect("layout names come from a valid ModelState"))
+}
+
+/// Part `part` of `parts` of [`aggregate_canonical`]: the same values, for only the tensors
+/// of that part, so that one aggregation can run on several threads (each with its own
+/// [`DeltaSource`](super::DeltaSource)s) and be put together with [`ModelState::from_tensors`].
+/// The tensors are dealt out by size (largest first, each to the part with the fewest values
+/// so far, ties by name), a split that depends on the base layout only. Every part validates
+/// the whole round, so each refuses a bad one the same way.
+pub fn aggregate_canonical_part(
+    base: &ModelState,
+    updates: &[PlantUpdate<'_>],
+    part: usize,
+    parts: usize,
+) -> Result<Vec<(String, Tensor)>, FedAvgError> {
+    assert!(part < parts, "part {part} of {parts}");
     let plan = Plan::new(base, updates)?;
-    let tile = TILE.min(plan.layout.total());
+    let mine: Vec<&Entry> = split(plan.layout.entries(), parts)
+        .into_iter()
+        .nth(part)
+        .unwrap_or_default();
+    let tile = TILE.min(mine.iter().map(|e| e.numel).max().unwrap_or(0));
     let (mut acc, mut out_buf) = (vec![0f64; tile], vec![0f32; tile]);
     let mut scratch: Vec<Vec<f32>> = Vec::new();
-    let mut outs = Vec::with_capacity(plan.layout.entries().len());
-    for e in plan.layout.entries() {
-        outs.push(plan.average_tensor(base, e, &mut acc, &mut out_buf, &mut scratch)?);
+    let mut outs = Vec::with_capacity(mine.len());
+    for e in mine {
+        let values = plan.average_tensor(base, e, &mut acc, &mut out_buf, &mut scratch)?;
+        let t = Tensor::new(e.shape.clone(), values)
+            .expect("fedavg writes exactly numel values per tensor of the layout");
+        outs.push((e.name.clone(), t));
     }
-    Ok(plan.layout.assemble(outs))
+    Ok(outs)
+}
+
+/// Deals the entries out to `parts` parts: largest first, to the part with the fewest values.
+fn split(entries: &[Entry], parts: usize) -> Vec<Vec<&Entry>> {
+    let mut order: Vec<&Entry> = entries.iter().collect();
+    order.sort_by(|a, b| b.numel.cmp(&a.numel).then_with(|| a.name.cmp(&b.name)));
+    let mut out: Vec<(usize, Vec<&Entry>)> = (0..parts.max(1)).map(|_| (0, Vec::new())).collect();
+    for e in order {
+        let (load, list) = out
+            .iter_mut()
+            .min_by_key(|(load, _)| *load)
+            .expect("at least one part");
+        *load += e.numel;
+        list.push(e);
+    }
+    out.into_iter()
+        .map(|(_, mut list)| {
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            list
+        })
+        .collect()
 }
 
 /// A validated round: the layout, the contributing plants in canonical order and `N`.

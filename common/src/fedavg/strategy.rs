@@ -1,10 +1,10 @@
 //! The aggregation [`Strategy`] trait, in the shape of Flower's, and [`FedAvg`], its first
 //! implementation.
 
-use super::canonical::aggregate_canonical;
+use super::canonical::{aggregate_canonical, aggregate_canonical_part};
 use super::error::FedAvgError;
 use super::source::PlantUpdate;
-use crate::model::ModelState;
+use crate::model::{ModelState, Tensor};
 
 /// How a round's plant updates become the next global model.
 ///
@@ -24,6 +24,28 @@ pub trait Strategy {
         base: &ModelState,
         updates: &[PlantUpdate<'_>],
     ) -> Result<ModelState, FedAvgError>;
+
+    /// Part `part` of `parts` of [`aggregate`](Self::aggregate), so that a caller can run the
+    /// parts on threads of their own and put the tensors together: the union of the parts
+    /// must be exactly the model `aggregate` returns. The default computes everything in
+    /// part 0 (no parallelism); a strategy that works value by value overrides it.
+    fn aggregate_part(
+        &self,
+        base: &ModelState,
+        updates: &[PlantUpdate<'_>],
+        part: usize,
+        parts: usize,
+    ) -> Result<Vec<(String, Tensor)>, FedAvgError> {
+        let _ = parts;
+        if part > 0 {
+            return Ok(Vec::new());
+        }
+        let model = self.aggregate(base, updates)?;
+        Ok(model
+            .iter()
+            .map(|(name, t)| (name.to_string(), t.clone()))
+            .collect())
+    }
 }
 
 /// Federated averaging weighted by sample count, computed canonically
@@ -42,5 +64,15 @@ impl Strategy for FedAvg {
         updates: &[PlantUpdate<'_>],
     ) -> Result<ModelState, FedAvgError> {
         aggregate_canonical(base, updates)
+    }
+
+    fn aggregate_part(
+        &self,
+        base: &ModelState,
+        updates: &[PlantUpdate<'_>],
+        part: usize,
+        parts: usize,
+    ) -> Result<Vec<(String, Tensor)>, FedAvgError> {
+        aggregate_canonical_part(base, updates, part, parts)
     }
 }

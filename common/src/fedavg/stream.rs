@@ -257,6 +257,11 @@ impl StreamingFedAvg {
         self.committed.iter().map(|(k, &n)| (k.as_str(), n))
     }
 
+    /// Plants begun and neither committed nor discarded yet.
+    pub fn open_plants(&self) -> usize {
+        self.open.len()
+    }
+
     /// `N`, the sample count of the committed plants.
     pub fn total_samples(&self) -> u64 {
         self.total
@@ -305,6 +310,54 @@ impl StreamingFedAvg {
             outs.push(out);
         }
         Ok(self.layout.assemble(outs))
+    }
+
+    /// Compares the average (as [`average`](Self::average) would compute it) with `other`
+    /// bit for bit, tile by tile, without building it: returns how many values differ and the
+    /// largest absolute difference. `other` must have `base`'s layout.
+    pub fn compare_average(
+        &self,
+        base: &ModelState,
+        other: &ModelState,
+    ) -> Result<(usize, f64), FedAvgError> {
+        self.usable()?;
+        if let Some(plant) = self.open.keys().next() {
+            return Err(FedAvgError::StillOpen(plant.clone()));
+        }
+        if self.total == 0 {
+            return Err(FedAvgError::ZeroTotalWeight);
+        }
+        self.layout.check_base(base)?;
+        self.layout.check_base(other)?;
+        let acc = self.acc.as_slice().expect("a new Array1 is contiguous");
+        let total = self.total as f64;
+        let mut tile = vec![0f32; TILE.min(self.layout.total())];
+        let (mut differing, mut max_abs) = (0usize, 0f64);
+        for ((e, (_, b)), (_, o)) in self
+            .layout
+            .entries()
+            .iter()
+            .zip(base.iter())
+            .zip(other.iter())
+        {
+            let acc = &acc[e.offset..e.offset + e.numel];
+            for ((b, a), o) in b
+                .data()
+                .chunks(TILE)
+                .zip(acc.chunks(TILE))
+                .zip(o.data().chunks(TILE))
+            {
+                let t = &mut tile[..b.len()];
+                kernels::average(t, b, a, total);
+                for (&x, &y) in t.iter().zip(o) {
+                    if x.to_bits() != y.to_bits() {
+                        differing += 1;
+                        max_abs = max_abs.max((f64::from(x) - f64::from(y)).abs());
+                    }
+                }
+            }
+        }
+        Ok((differing, max_abs))
     }
 
     fn usable(&self) -> Result<(), FedAvgError> {

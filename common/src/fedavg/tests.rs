@@ -457,3 +457,75 @@ fn streaming_reset_starts_a_clean_round_on_the_same_memory() {
         model(&[("x", vec![3], vec![2.0, 4.0, 6.0])])
     );
 }
+
+#[test]
+fn compare_average_counts_what_average_would_differ_in() {
+    let n = TILE + 77; // more than one tile
+    let base = model(&[("w", vec![n], noisy(n, 1)), ("b", vec![3], noisy(3, 2))]);
+    let d = model(&[("w", vec![n], noisy(n, 3)), ("b", vec![3], noisy(3, 4))]);
+    let mut acc = StreamingFedAvg::begin(&base);
+    assert!(matches!(
+        acc.compare_average(&base, &base),
+        Err(FedAvgError::ZeroTotalWeight)
+    ));
+    acc.add("a", &d, 7).unwrap();
+    let avg = acc.average(&base).unwrap();
+    assert_eq!(acc.compare_average(&base, &avg).unwrap(), (0, 0.0));
+    let mut other = avg.clone();
+    let w = other.iter_mut().find(|(name, _)| *name == "w").unwrap().1;
+    w.data_mut()[TILE + 5] += 0.5;
+    w.data_mut()[3] -= 0.25;
+    let (differing, max_abs) = acc.compare_average(&base, &other).unwrap();
+    assert_eq!(differing, 2);
+    assert!((max_abs - 0.5).abs() < 1e-6, "{max_abs}");
+    acc.begin_plant("open", 1).unwrap();
+    assert!(matches!(
+        acc.compare_average(&base, &avg),
+        Err(FedAvgError::StillOpen(_))
+    ));
+}
+
+#[test]
+fn the_parts_of_a_canonical_aggregation_are_the_whole_bit_for_bit() {
+    let shapes = [
+        ("a", 5usize),
+        ("b", TILE + 9),
+        ("c", 3 * TILE),
+        ("d", 1),
+        ("e", 700),
+    ];
+    let model_of = |seed: u64| {
+        let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (n, len))| (*n, vec![*len], noisy(*len, seed * 10 + i as u64)))
+            .collect();
+        model(&tensors)
+    };
+    let base = model_of(1);
+    let deltas: Vec<ModelState> = (0..6).map(|k| model_of(k + 2)).collect();
+    let updates: Vec<PlantUpdate<'_>> = deltas
+        .iter()
+        .enumerate()
+        .map(|(k, d)| PlantUpdate::new(format!("p{k}"), 10 + k as u64, d))
+        .collect();
+    let whole = aggregate_canonical(&base, &updates).unwrap();
+    for parts in 1..=7 {
+        let mut all = Vec::new();
+        for part in 0..parts {
+            all.extend(FedAvg.aggregate_part(&base, &updates, part, parts).unwrap());
+        }
+        assert_eq!(all.len(), shapes.len(), "{parts} parts");
+        let joined = ModelState::from_tensors(all).unwrap();
+        assert_eq!(bits(&joined), bits(&whole), "{parts} parts");
+    }
+    // A bad round is refused by every part alike.
+    let short = model(&[("a", vec![5], noisy(5, 1))]);
+    let bad = [PlantUpdate::new("x", 1, &short)];
+    for part in 0..2 {
+        assert!(matches!(
+            FedAvg.aggregate_part(&base, &bad, part, 2),
+            Err(FedAvgError::MissingTensor { .. })
+        ));
+    }
+}

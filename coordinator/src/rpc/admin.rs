@@ -1,18 +1,28 @@
 //! The operator-facing `Admin` service: only admin certificates get in; the work is in
-//! `admin_ops`.
+//! `admin_ops`. `ExportModel` streams a version's safetensors blob in chunks.
 
+use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use fedinspect_common::tls::Role;
 use fedinspect_proto::v1 as pb;
 use fedinspect_proto::v1::admin_server::Admin;
+use fedinspect_proto::CHUNK_BYTES;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{auth, status, to_proto};
-use crate::admin_ops;
+use crate::admin_ops::{self, RoundReport};
 use crate::error::CoreError;
 use crate::hub::Hub;
-use crate::records::now_unix_ms;
+use crate::records::{now_unix_ms, Digest, UpdateRecord};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Listings without a limit return this many entries.
 const DEFAULT_LIMIT: usize = 50;
@@ -142,5 +152,136 @@ impl Admin for AdminService {
             .await
             .map(|()| Response::new(pb::RevokeResponse {}))
             .map_err(|e| self.refuse(&format!("admin:{admin}"), "revoke", e))
+    }
+
+    async fn get_round(
+        &self,
+        request: Request<pb::GetRoundRequest>,
+    ) -> Result<Response<pb::RoundDetail>, Status> {
+        self.admin(&request, "get_round")?;
+        let pb::GetRoundRequest { round } = request.into_inner();
+        let report =
+            admin_ops::round_report(&self.hub, round).map_err(|e| status::to_status(&e))?;
+        Ok(Response::new(round_detail(&report, now_unix_ms())))
+    }
+
+    type ExportModelStream = BoxStream<pb::Chunk>;
+
+    async fn export_model(
+        &self,
+        request: Request<pb::ExportModelRequest>,
+    ) -> Result<Response<Self::ExportModelStream>, Status> {
+        let admin = self.admin(&request, "export_model")?;
+        let actor = format!("admin:{admin}");
+        let pb::ExportModelRequest { version, offset } = request.into_inner();
+        let (record, path) = admin_ops::export_model(&self.hub, &admin, version)
+            .map_err(|e| self.refuse(&actor, "export_model", e))?;
+        if offset > record.size_bytes {
+            let e = CoreError::Malformed(format!(
+                "offset {offset} is beyond the {} bytes of version {version}",
+                record.size_bytes
+            ));
+            return Err(self.refuse(&actor, "export_model", e));
+        }
+        let file = open_at(&path, offset)
+            .await
+            .map_err(|e| self.refuse(&actor, "export_model", e))?;
+        let (tx, rx) = mpsc::channel(4);
+        let span = tracing::info_span!("export", admin = %admin, version);
+        let blob = Blob {
+            size: record.size_bytes,
+            sha256: record.blob_sha256,
+        };
+        tokio::spawn(send_blob(file, offset, blob, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn round_detail(r: &RoundReport, now_unix_ms: i64) -> pb::RoundDetail {
+    pb::RoundDetail {
+        round: Some(to_proto::round_info(&r.round, now_unix_ms)),
+        opened_unix_ms: r.round.opened_unix_ms,
+        deadline_unix_ms: r.round.deadline_unix_ms,
+        closed_unix_ms: r.round.closed_unix_ms.unwrap_or(0),
+        published_unix_ms: r.published_unix_ms.unwrap_or(0),
+        base_size_bytes: r.base_size_bytes,
+        updates: r.updates.iter().map(update_info).collect(),
+        bytes_received: r.round.bytes_received,
+        bytes_sent: r.round.bytes_sent,
+    }
+}
+
+fn update_info(u: &UpdateRecord) -> pb::UpdateInfo {
+    pb::UpdateInfo {
+        plant_id: u.plant_id.clone(),
+        update_id: u.update_id.0.to_vec(),
+        base_version: u.base_version,
+        codec: u.codec.to_string(),
+        num_samples: u.num_samples,
+        payload_bytes: u.payload_bytes,
+        delta_sha256: u.delta_sha256.0.to_vec(),
+        plant_signature: u.plant_signature.clone(),
+        metrics: u.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        l2_norm: u.l2_norm,
+        clip_scale: u.clip_scale.unwrap_or(0.0),
+        received_unix_ms: u.received_unix_ms,
+    }
+}
+
+/// A stored blob's size and digest, as its record gives them.
+struct Blob {
+    size: u64,
+    sha256: Digest,
+}
+
+async fn open_at(path: &Path, offset: u64) -> Result<tokio::fs::File, CoreError> {
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| {
+        CoreError::Internal(format!("cannot open model blob {}: {e}", path.display()))
+    })?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(|e| CoreError::Internal(format!("cannot seek model blob: {e}")))?;
+    Ok(file)
+}
+
+/// Streams `blob` from `offset` in chunks of at most [`CHUNK_BYTES`]; the last chunk carries
+/// the SHA-256 of the whole file. An empty remainder is one empty last chunk.
+async fn send_blob(
+    mut file: tokio::fs::File,
+    mut offset: u64,
+    blob: Blob,
+    tx: mpsc::Sender<Result<pb::Chunk, Status>>,
+) {
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let want =
+            usize::try_from((blob.size - offset).min(CHUNK_BYTES as u64)).unwrap_or(CHUNK_BYTES);
+        if let Err(e) = file.read_exact(&mut buf[..want]).await {
+            tracing::error!(error = %e, "cannot read model blob");
+            let _ = tx
+                .send(Err(Status::internal(
+                    "cannot read the model file; check the coordinator's data_dir",
+                )))
+                .await;
+            return;
+        }
+        let last = offset + want as u64 == blob.size;
+        let chunk = pb::Chunk {
+            offset,
+            data: buf[..want].to_vec(),
+            total_bytes: blob.size,
+            sha256: if last {
+                blob.sha256.0.to_vec()
+            } else {
+                Vec::new()
+            },
+        };
+        if tx.send(Ok(chunk)).await.is_err() {
+            return; // the admin went away
+        }
+        offset += want as u64;
+        if last {
+            return;
+        }
     }
 }

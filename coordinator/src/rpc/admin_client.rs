@@ -1,12 +1,27 @@
-//! The client side of `coordinator admin`: connects with an admin certificate over mutual TLS,
-//! runs one [`AdminCommand`] and returns its result as JSON (printed as is with `--json`, or
-//! as `key: value` lines by [`render_text`]).
+//! The client side of `coordinator admin`: an [`AdminSession`] connects with an admin
+//! certificate over mutual TLS and returns typed views of the answers (status, plants, rounds,
+//! models, one round's updates) that serialise to the JSON `--json` prints; [`render_text`]
+//! prints them as `key: value` lines. `export-model` streams a version's safetensors file,
+//! checks its SHA-256 and writes it atomically.
 
+mod views;
+
+use std::path::{Path, PathBuf};
+
+use fedinspect_common::fsutil;
 use fedinspect_common::tls::{self, Role, TlsError, TlsFiles};
 use fedinspect_proto::v1 as pb;
 use fedinspect_proto::v1::admin_client::AdminClient;
-use serde_json::{json, Value};
+use fedinspect_proto::CHUNK_BYTES;
+use serde::Serialize;
+use serde_json::Value;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use views::{model, plant, round, update};
+pub use views::{
+    ContributionView, ExportedModel, ModelView, PlantView, RoundDetailView, RoundView, StatusView,
+    UpdateView,
+};
 
 /// One admin action.
 #[derive(Clone, Debug, PartialEq)]
@@ -15,6 +30,8 @@ pub enum AdminCommand {
     Plants,
     Rounds { limit: u32 },
     Models { limit: u32 },
+    Round { round: u64 },
+    ExportModel { version: u64, out: PathBuf },
     Promote { version: u64, force: bool },
     Rollback { to: u64 },
     Revoke { plant: String, reason: String },
@@ -30,6 +47,14 @@ pub enum AdminClientError {
     Connect { addr: String, reason: String },
     #[error("the coordinator refused ({code:?}): {message}")]
     Refused { code: tonic::Code, message: String },
+    #[error("the export of version {version} is corrupt ({reason}); export it again")]
+    BadExport { version: u64, reason: String },
+    #[error("cannot write {}: {source}; check the folder exists and is writable", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<tonic::Status> for AdminClientError {
@@ -41,138 +66,212 @@ impl From<tonic::Status> for AdminClientError {
     }
 }
 
-/// Connects to `addr` (`https://host:port`) with the admin certificate in `files`.
-pub async fn connect(
-    addr: &str,
-    files: &TlsFiles,
-) -> Result<AdminClient<Channel>, AdminClientError> {
-    let pem = tls::tonic_pem(files, Role::Admin)?;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pem.ca_pem))
-        .identity(Identity::from_pem(&pem.cert_pem, &pem.key_pem));
-    let connect_err = |e: tonic::transport::Error| AdminClientError::Connect {
-        addr: addr.to_string(),
-        reason: error_chain(&e),
-    };
-    let channel = Channel::from_shared(addr.to_string())
-        .map_err(|_| AdminClientError::Address(addr.to_string()))?
-        .tls_config(tls)
-        .map_err(connect_err)?
-        .connect()
-        .await
-        .map_err(connect_err)?;
-    Ok(AdminClient::new(channel))
+/// A connection to a coordinator's admin service.
+pub struct AdminSession {
+    client: AdminClient<Channel>,
 }
 
-/// Runs `cmd` against the coordinator at `addr`.
+impl AdminSession {
+    /// Connects to `addr` (`https://host:port`) with the admin certificate in `files`.
+    pub async fn connect(addr: &str, files: &TlsFiles) -> Result<Self, AdminClientError> {
+        let pem = tls::tonic_pem(files, Role::Admin)?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pem.ca_pem))
+            .identity(Identity::from_pem(&pem.cert_pem, &pem.key_pem));
+        let connect_err = |e: tonic::transport::Error| AdminClientError::Connect {
+            addr: addr.to_string(),
+            reason: error_chain(&e),
+        };
+        let channel = Channel::from_shared(addr.to_string())
+            .map_err(|_| AdminClientError::Address(addr.to_string()))?
+            .tls_config(tls)
+            .map_err(connect_err)?
+            .connect()
+            .await
+            .map_err(connect_err)?;
+        Ok(Self {
+            client: AdminClient::new(channel),
+        })
+    }
+
+    pub async fn status(&mut self) -> Result<StatusView, AdminClientError> {
+        let s = self.client.status(pb::StatusRequest {}).await?.into_inner();
+        Ok(StatusView {
+            protocol_version: s.protocol_version,
+            current_round: s.current_round,
+            round_state: s.round_state,
+            latest_version: s.latest_version,
+            promoted_version: s.promoted_version,
+            plants_registered: s.plants_registered,
+            plants_connected: s.plants_connected,
+        })
+    }
+
+    pub async fn plants(&mut self) -> Result<Vec<PlantView>, AdminClientError> {
+        let r = self.client.list_plants(pb::ListPlantsRequest {}).await?;
+        Ok(r.into_inner().plants.iter().map(plant).collect())
+    }
+
+    /// Up to `limit` rounds (0: the coordinator's default), newest first.
+    pub async fn rounds(&mut self, limit: u32) -> Result<Vec<RoundView>, AdminClientError> {
+        let r = self
+            .client
+            .list_rounds(pb::ListRoundsRequest { limit })
+            .await?;
+        Ok(r.into_inner().rounds.iter().map(round).collect())
+    }
+
+    /// Up to `limit` versions (0: the coordinator's default), newest first.
+    pub async fn models(&mut self, limit: u32) -> Result<Vec<ModelView>, AdminClientError> {
+        let r = self
+            .client
+            .list_models(pb::ListModelsRequest { limit })
+            .await?;
+        Ok(r.into_inner().models.iter().map(model).collect())
+    }
+
+    /// Round `round` with its accepted updates.
+    pub async fn round(&mut self, round: u64) -> Result<RoundDetailView, AdminClientError> {
+        let d = self
+            .client
+            .get_round(pb::GetRoundRequest { round })
+            .await?
+            .into_inner();
+        let info = d.round.ok_or_else(|| AdminClientError::Refused {
+            code: tonic::Code::Internal,
+            message: "the round detail carries no round".into(),
+        })?;
+        Ok(RoundDetailView {
+            round: self::round(&info),
+            opened_unix_ms: d.opened_unix_ms,
+            deadline_unix_ms: d.deadline_unix_ms,
+            closed_unix_ms: d.closed_unix_ms,
+            published_unix_ms: d.published_unix_ms,
+            base_size_bytes: d.base_size_bytes,
+            updates: d.updates.iter().map(update).collect(),
+            bytes_received: d.bytes_received,
+            bytes_sent: d.bytes_sent,
+        })
+    }
+
+    /// The safetensors bytes of `version`, their offsets, sizes and SHA-256 checked.
+    pub async fn export_model_bytes(&mut self, version: u64) -> Result<Vec<u8>, AdminClientError> {
+        let mut stream = self
+            .client
+            .export_model(pb::ExportModelRequest { version, offset: 0 })
+            .await?
+            .into_inner();
+        let bad = |reason: String| AdminClientError::BadExport { version, reason };
+        let mut bytes = Vec::new();
+        let mut total = None;
+        let mut digest = Vec::new();
+        while let Some(c) = stream.message().await? {
+            let pb::Chunk {
+                offset,
+                data,
+                total_bytes,
+                sha256,
+            } = c;
+            if offset != bytes.len() as u64 {
+                return Err(bad(format!(
+                    "a chunk starts at byte {offset} after {} bytes",
+                    bytes.len()
+                )));
+            }
+            if data.len() > CHUNK_BYTES {
+                return Err(bad(format!("a chunk of {} bytes", data.len())));
+            }
+            if *total.get_or_insert(total_bytes) != total_bytes {
+                return Err(bad("the announced size changed".into()));
+            }
+            bytes.extend_from_slice(&data);
+            digest = sha256;
+        }
+        if Some(bytes.len() as u64) != total {
+            return Err(bad(format!(
+                "{} bytes arrived of {} announced",
+                bytes.len(),
+                total.unwrap_or(0)
+            )));
+        }
+        let found = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        if found.as_ref() != digest.as_slice() {
+            return Err(bad(format!(
+                "SHA-256 {} but the coordinator sent {}",
+                hex::encode(found.as_ref()),
+                hex::encode(&digest)
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Exports `version` into the file `out` (written atomically, never half a file).
+    pub async fn export_model(
+        &mut self,
+        version: u64,
+        out: &Path,
+    ) -> Result<ExportedModel, AdminClientError> {
+        let bytes = self.export_model_bytes(version).await?;
+        fsutil::write_bytes_atomic(out, &bytes).map_err(|source| AdminClientError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
+        Ok(ExportedModel {
+            version,
+            path: out.to_path_buf(),
+            bytes: bytes.len() as u64,
+            sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes)),
+        })
+    }
+
+    /// Runs `cmd` and returns its answer as the JSON `--json` prints.
+    pub async fn run(&mut self, cmd: AdminCommand) -> Result<Value, AdminClientError> {
+        fn json<T: Serialize>(v: T) -> Value {
+            serde_json::to_value(v).expect("admin views serialise to JSON")
+        }
+        Ok(match cmd {
+            AdminCommand::Status => json(self.status().await?),
+            AdminCommand::Plants => json(self.plants().await?),
+            AdminCommand::Rounds { limit } => json(self.rounds(limit).await?),
+            AdminCommand::Models { limit } => json(self.models(limit).await?),
+            AdminCommand::Round { round } => json(self.round(round).await?),
+            AdminCommand::ExportModel { version, out } => {
+                json(self.export_model(version, &out).await?)
+            }
+            AdminCommand::Promote { version, force } => json(model(
+                &self
+                    .client
+                    .promote(pb::PromoteRequest { version, force })
+                    .await?
+                    .into_inner(),
+            )),
+            AdminCommand::Rollback { to } => json(model(
+                &self
+                    .client
+                    .rollback(pb::RollbackRequest { to_version: to })
+                    .await?
+                    .into_inner(),
+            )),
+            AdminCommand::Revoke { plant, reason } => {
+                self.client
+                    .revoke(pb::RevokeRequest {
+                        plant_id: plant.clone(),
+                        reason,
+                    })
+                    .await?;
+                serde_json::json!({ "revoked": plant })
+            }
+        })
+    }
+}
+
+/// Connects to `addr` and runs `cmd` (one connection per command).
 pub async fn run(
     addr: &str,
     files: &TlsFiles,
     cmd: AdminCommand,
 ) -> Result<Value, AdminClientError> {
-    let mut client = connect(addr, files).await?;
-    Ok(match cmd {
-        AdminCommand::Status => {
-            let s = client.status(pb::StatusRequest {}).await?.into_inner();
-            json!({
-                "protocol_version": s.protocol_version,
-                "current_round": s.current_round,
-                "round_state": s.round_state,
-                "latest_version": s.latest_version,
-                "promoted_version": s.promoted_version,
-                "plants_registered": s.plants_registered,
-                "plants_connected": s.plants_connected,
-            })
-        }
-        AdminCommand::Plants => {
-            let r = client
-                .list_plants(pb::ListPlantsRequest {})
-                .await?
-                .into_inner();
-            Value::Array(r.plants.iter().map(plant).collect())
-        }
-        AdminCommand::Rounds { limit } => {
-            let r = client
-                .list_rounds(pb::ListRoundsRequest { limit })
-                .await?
-                .into_inner();
-            Value::Array(r.rounds.iter().map(round).collect())
-        }
-        AdminCommand::Models { limit } => {
-            let r = client
-                .list_models(pb::ListModelsRequest { limit })
-                .await?
-                .into_inner();
-            Value::Array(r.models.iter().map(model).collect())
-        }
-        AdminCommand::Promote { version, force } => model(
-            &client
-                .promote(pb::PromoteRequest { version, force })
-                .await?
-                .into_inner(),
-        ),
-        AdminCommand::Rollback { to } => model(
-            &client
-                .rollback(pb::RollbackRequest { to_version: to })
-                .await?
-                .into_inner(),
-        ),
-        AdminCommand::Revoke { plant, reason } => {
-            client
-                .revoke(pb::RevokeRequest {
-                    plant_id: plant.clone(),
-                    reason,
-                })
-                .await?;
-            json!({ "revoked": plant })
-        }
-    })
-}
-
-fn plant(p: &pb::PlantInfo) -> Value {
-    json!({
-        "plant_id": p.plant_id,
-        "device": p.device,
-        "num_samples": p.num_samples,
-        "connected": p.connected,
-        "revoked": p.revoked,
-        "last_seen_unix_ms": p.last_seen_unix_ms,
-    })
-}
-
-fn round(r: &pb::RoundInfo) -> Value {
-    json!({
-        "round": r.round,
-        "state": r.state,
-        "base_version": r.base_version,
-        "published_version": r.published_version,
-        "participants": r.participants,
-        "failure": r.failure,
-        "seconds": r.seconds,
-    })
-}
-
-fn model(m: &pb::ModelInfo) -> Value {
-    let metrics: serde_json::Map<String, Value> = m
-        .metrics
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
-    json!({
-        "version": m.version,
-        "parent": m.parent,
-        "round": m.round,
-        "content_hash": hex::encode(&m.content_hash),
-        "signature": hex::encode(&m.signature),
-        "status": m.status,
-        "created_unix_ms": m.created_unix_ms,
-        "metrics": metrics,
-        "contributions": m.contributions.iter().map(|c| json!({
-            "plant_id": c.plant_id,
-            "num_samples": c.num_samples,
-            "delta_sha256": hex::encode(&c.delta_sha256),
-        })).collect::<Vec<_>>(),
-    })
+    AdminSession::connect(addr, files).await?.run(cmd).await
 }
 
 /// Human-readable lines: an object as `key: value`, a list as one block per item.

@@ -8,7 +8,6 @@ use fedinspect_common::tls::Role;
 use fedinspect_proto::v1 as pb;
 use fedinspect_proto::v1::federation_server::Federation;
 use fedinspect_proto::CHUNK_BYTES;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -18,11 +17,15 @@ use tracing::Instrument;
 use super::from_proto::{self, FromProtoError};
 use super::{auth, status, to_proto};
 use crate::error::CoreError;
-use crate::hub::Hub;
+use crate::hub::{Hub, OpenRound};
 use crate::intake::{self, Admission, UpdateHeader};
 use crate::records::{now_unix_ms, ModelRecord, PlantRecord};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Chunks of a model download read ahead of the plant: one is enough to keep the stream busy,
+/// and with many plants downloading at once each queued chunk costs 1 MiB of memory.
+const DOWNLOAD_QUEUE: usize = 1;
 
 pub struct FederationService {
     hub: Arc<Hub>,
@@ -131,15 +134,17 @@ impl FederationService {
             )));
         }
         let path = self.hub.blobs.path_of(&record.blob_sha256);
-        let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+        let file = std::fs::File::open(&path).map_err(|e| {
             CoreError::Internal(format!("cannot open model blob {}: {e}", path.display()))
         })?;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| CoreError::Internal(format!("cannot seek model blob: {e}")))?;
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(DOWNLOAD_QUEUE);
+        // Bytes of the open round's base model count towards that round's traffic.
+        let round = self
+            .hub
+            .open_round()
+            .filter(|r| r.record.base_version == record.version);
         let span = tracing::info_span!("download", plant, version = record.version);
-        tokio::spawn(send_file(file, offset, record, tx).instrument(span));
+        tokio::spawn(send_file(file, offset, record, round, tx).instrument(span));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
@@ -170,7 +175,7 @@ impl FederationService {
                         total_bytes: _,
                         sha256: _,
                     } = c;
-                    receiving.chunk(offset, &data).await?;
+                    receiving.chunk(offset, data).await?;
                 }
                 pb::upload_update_request::Part::Header(_) => {
                     return Err(FromProtoError::SecondHeader.into())
@@ -337,28 +342,35 @@ fn response(u: &crate::records::UpdateRecord, duplicate: bool) -> pb::UploadUpda
 /// Streams a model blob from `offset` in chunks of at most [`CHUNK_BYTES`]; the last chunk
 /// carries the SHA-256 of the whole file.
 async fn send_file(
-    mut file: tokio::fs::File,
+    file: std::fs::File,
     mut offset: u64,
     record: ModelRecord,
+    round: Option<Arc<OpenRound>>,
     tx: mpsc::Sender<Result<pb::Chunk, Status>>,
 ) {
+    use std::os::unix::fs::FileExt;
+
+    let file = Arc::new(file);
     let total = record.size_bytes;
-    let mut buf = vec![0u8; CHUNK_BYTES];
     loop {
         let want = usize::try_from((total - offset).min(CHUNK_BYTES as u64)).unwrap_or(CHUNK_BYTES);
-        if let Err(e) = file.read_exact(&mut buf[..want]).await {
-            tracing::error!(error = %e, "cannot read model blob");
-            let _ = tx
-                .send(Err(Status::internal(
-                    "cannot read the model file; try again later",
-                )))
-                .await;
-            return;
-        }
+        // Read straight into the message's buffer on the blocking pool: one copy from the
+        // page cache, none between file and chunk.
+        let f = file.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut data = vec![0u8; want];
+            f.read_exact_at(&mut data, offset).map(|()| data)
+        })
+        .await;
+        let data = match read {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => return fail_download(&tx, &e.to_string()).await,
+            Err(e) => return fail_download(&tx, &e.to_string()).await,
+        };
         let last = offset + want as u64 == total;
         let chunk = pb::Chunk {
             offset,
-            data: buf[..want].to_vec(),
+            data,
             total_bytes: total,
             sha256: if last {
                 record.blob_sha256.0.to_vec()
@@ -369,9 +381,21 @@ async fn send_file(
         if tx.send(Ok(chunk)).await.is_err() {
             return; // the plant went away
         }
+        if let Some(r) = &round {
+            r.count_sent(want as u64);
+        }
         offset += want as u64;
         if last {
             return;
         }
     }
+}
+
+async fn fail_download(tx: &mpsc::Sender<Result<pb::Chunk, Status>>, error: &str) {
+    tracing::error!(error, "cannot read model blob");
+    let _ = tx
+        .send(Err(Status::internal(
+            "cannot read the model file; try again later",
+        )))
+        .await;
 }

@@ -1,16 +1,25 @@
 //! The content-addressed blob store: model safetensors files and accepted update payloads,
 //! each stored once under the hex of its SHA-256 (`blobs/ab/abcd…`), written to a temporary
 //! file, fsynced and renamed into place, so a blob path never holds half a file.
+//!
+//! An upload arrives over time and its address is known only at its end, so it is written
+//! through [`Incoming`] (blocking code, on the upload's own thread) rather than with
+//! `fsutil::write_atomic`: the same temp file, fsync, rename and folder fsync, in steps.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use fedinspect_common::delta::{Codec, Layout};
 use fedinspect_common::fsutil;
 use ring::rand::SecureRandom;
-use tokio::io::AsyncWriteExt;
 
+use super::delta_file::DeltaFile;
 use super::StorageError;
 use crate::records::Digest;
+
+/// Bytes read at a time when a blob is hashed.
+const VERIFY_BUF: usize = 1 << 20;
 
 /// Blobs under `root`, uploads in progress under `root/incoming`.
 #[derive(Clone, Debug)]
@@ -22,7 +31,7 @@ pub struct BlobStore {
 pub struct Incoming {
     store: BlobStore,
     path: PathBuf,
-    file: Option<tokio::fs::File>,
+    file: Option<File>,
     hash: ring::digest::Context,
     len: u64,
 }
@@ -57,9 +66,20 @@ impl BlobStore {
         let digest = Digest::of(bytes);
         let path = self.path_of(&digest);
         if !path.is_file() {
+            self.shard_dir(&path)?;
             fsutil::write_bytes_atomic(&path, bytes).map_err(|e| blob_err(&path, e))?;
         }
         Ok(digest)
+    }
+
+    /// Creates the shard folder of blob `path` if needed, durably (the root is fsynced).
+    fn shard_dir(&self, path: &Path) -> Result<(), StorageError> {
+        let dir = path.parent().expect("blob paths have a folder");
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(|e| blob_err(dir, e))?;
+            fsutil::sync_dir(&self.root).map_err(|e| blob_err(&self.root, e))?;
+        }
+        Ok(())
     }
 
     /// Reads a whole blob (blocking), checking its digest.
@@ -81,8 +101,51 @@ impl BlobStore {
         Ok(bytes)
     }
 
-    /// Starts writing an upload to a fresh temporary file.
-    pub async fn incoming(&self) -> Result<Incoming, StorageError> {
+    /// Checks that the blob's content still hashes to its address, reading it in 1 MiB steps.
+    pub fn verify(&self, digest: &Digest) -> Result<(), StorageError> {
+        let path = self.path_of(digest);
+        let mut file = File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StorageError::MissingBlob(digest.to_hex()),
+            _ => blob_err(&path, e),
+        })?;
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; VERIFY_BUF];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hash.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(blob_err(&path, e)),
+            }
+        }
+        if hash.finish().as_ref() != digest.0 {
+            return Err(StorageError::Blob {
+                path,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "content does not match its digest",
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The stored update payload `digest`, a `codec` delta of `layout`, readable by range.
+    pub fn delta(
+        &self,
+        digest: &Digest,
+        layout: &Layout,
+        codec: Codec,
+    ) -> Result<DeltaFile, StorageError> {
+        let path = self.path_of(digest);
+        if !path.is_file() {
+            return Err(StorageError::MissingBlob(digest.to_hex()));
+        }
+        DeltaFile::open(&path, layout, codec)
+    }
+
+    /// Starts writing an upload to a fresh temporary file (blocking).
+    pub fn incoming(&self) -> Result<Incoming, StorageError> {
         let mut tag = [0u8; 12];
         ring::rand::SystemRandom::new()
             .fill(&mut tag)
@@ -93,11 +156,10 @@ impl BlobStore {
         let path = self
             .incoming_dir()
             .join(format!("{}.part", hex::encode(tag)));
-        let file = tokio::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)
-            .await
             .map_err(|e| blob_err(&path, e))?;
         Ok(Incoming {
             store: self.clone(),
@@ -114,11 +176,10 @@ impl BlobStore {
 }
 
 impl Incoming {
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+    /// Appends `bytes` (blocking; unbuffered, so the bytes can be read back at once).
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
         let file = self.file.as_mut().expect("the file is open until sealed");
-        file.write_all(bytes)
-            .await
-            .map_err(|e| blob_err(&self.path, e))?;
+        file.write_all(bytes).map_err(|e| blob_err(&self.path, e))?;
         self.hash.update(bytes);
         self.len += bytes.len() as u64;
         Ok(())
@@ -139,16 +200,15 @@ impl Incoming {
         Digest::from_slice(d.as_ref()).expect("SHA-256 has 32 bytes")
     }
 
-    /// Flushes and fsyncs the temporary file; the file stays readable at [`Incoming::path`].
-    pub async fn sync(&mut self) -> Result<(), StorageError> {
-        if let Some(mut file) = self.file.take() {
-            file.flush().await.map_err(|e| blob_err(&self.path, e))?;
-            file.sync_all().await.map_err(|e| blob_err(&self.path, e))?;
+    /// Fsyncs the temporary file (blocking); the file stays readable at [`Incoming::path`].
+    pub fn sync(&mut self) -> Result<(), StorageError> {
+        if let Some(file) = self.file.take() {
+            file.sync_all().map_err(|e| blob_err(&self.path, e))?;
         }
         Ok(())
     }
 
-    /// The temporary file, for reading it back after [`Incoming::sync`].
+    /// The temporary file, readable while it is written.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -163,7 +223,7 @@ impl Incoming {
             .parent()
             .expect("blob paths have a folder")
             .to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| blob_err(&dir, e))?;
+        self.store.shard_dir(&target)?;
         std::fs::rename(&self.path, &target).map_err(|e| blob_err(&target, e))?;
         fsutil::sync_dir(&dir).map_err(|e| blob_err(&dir, e))?;
         self.path = PathBuf::new();

@@ -19,6 +19,7 @@
 //! await before they acknowledge anything.
 
 mod blobs;
+mod delta_file;
 #[cfg(test)]
 mod tests;
 
@@ -30,6 +31,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 pub use blobs::{BlobStore, Incoming};
+pub use delta_file::{header_bytes, DeltaFile};
 
 use crate::records::{
     AuditEntry, ModelRecord, ModelStatus, PlantRecord, RoundRecord, UpdateId, UpdateRecord,
@@ -151,9 +153,18 @@ impl Store {
     }
 
     /// Makes every write so far durable (fsync).
+    ///
+    /// Runs sled's blocking `flush` on the blocking pool: sled 0.34's `flush_async` never wakes
+    /// some of its callers when several await it at once (sled issue #1308), which hung every
+    /// handler of a coordinator that many plants registered with at the same moment.
     pub async fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush_async().await.map_err(|e| self.err(e))?;
-        Ok(())
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(result) => result.map(|_| ()).map_err(|e| self.err(e)),
+            Err(e) => Err(self.err(sled::Error::Io(std::io::Error::other(format!(
+                "the flush task failed: {e}"
+            ))))),
+        }
     }
 
     /// [`Store::flush`] for blocking code.

@@ -136,8 +136,11 @@ fn a_version_never_changes_but_storing_it_again_is_a_no_op() {
         published_version: Some(2),
         participants: 2,
         failure: None,
+        bytes_received: 200,
+        bytes_sent: 300,
     };
     store.insert_model(&v2, Some(&round)).unwrap();
+    assert_eq!(store.round(1).unwrap().unwrap(), round);
     let mut again = v2.clone();
     again.created_unix_ms = 99;
     store.insert_model(&again, None).unwrap();
@@ -187,28 +190,31 @@ fn another_format_version_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn blobs_are_content_addressed_and_uploads_cleaned_up() {
+#[test]
+fn blobs_are_content_addressed_and_uploads_cleaned_up() {
     let dir = tempfile::tempdir().unwrap();
     let blobs = BlobStore::open(dir.path()).unwrap();
     let d = blobs.put_bytes(b"model bytes").unwrap();
     assert_eq!(d, Digest::of(b"model bytes"));
     assert_eq!(blobs.read(&d).unwrap(), b"model bytes");
+    blobs.verify(&d).unwrap();
 
-    let mut up = blobs.incoming().await.unwrap();
-    up.write(b"delta ").await.unwrap();
-    up.write(b"bytes").await.unwrap();
+    let mut up = blobs.incoming().unwrap();
+    up.write(b"delta ").unwrap();
+    assert_eq!(
+        std::fs::read(up.path()).unwrap(),
+        b"delta ",
+        "readable while written"
+    );
+    up.write(b"bytes").unwrap();
     assert_eq!(up.digest(), Digest::of(b"delta bytes"));
-    up.sync().await.unwrap();
-    let d2 = tokio::task::spawn_blocking(move || up.commit())
-        .await
-        .unwrap()
-        .unwrap();
+    up.sync().unwrap();
+    let d2 = up.commit().unwrap();
     assert_eq!(blobs.read(&d2).unwrap(), b"delta bytes");
 
     // A dropped upload leaves nothing; one left by a crash is removed at the next open.
-    let mut dropped = blobs.incoming().await.unwrap();
-    dropped.write(b"partial").await.unwrap();
+    let mut dropped = blobs.incoming().unwrap();
+    dropped.write(b"partial").unwrap();
     drop(dropped);
     assert_eq!(
         std::fs::read_dir(dir.path().join("incoming"))
@@ -227,4 +233,60 @@ async fn blobs_are_content_addressed_and_uploads_cleaned_up() {
 
     std::fs::write(blobs.path_of(&d), b"tampered").unwrap();
     assert!(blobs.read(&d).is_err());
+    let err = blobs.verify(&d).unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+    std::fs::remove_file(blobs.path_of(&d)).unwrap();
+    assert!(matches!(
+        blobs.verify(&d).unwrap_err(),
+        StorageError::MissingBlob(_)
+    ));
+}
+
+#[test]
+fn a_round_record_written_before_the_byte_counters_reads_as_zero_bytes() {
+    let old = r#"{"round":3,"state":"published","base_version":2,
+        "base_hash":"0000000000000000000000000000000000000000000000000000000000000000",
+        "plan":{"local_epochs":1,"learning_rate":0.1,"fedprox_mu":0.0,"batch_size":4,"codec":"f16"},
+        "opened_unix_ms":0,"deadline_unix_ms":10,"closed_unix_ms":5,"published_version":3,
+        "participants":2,"failure":null}"#;
+    let r: crate::records::RoundRecord = serde_json::from_str(old).unwrap();
+    assert_eq!((r.round, r.bytes_received, r.bytes_sent), (3, 0, 0));
+}
+
+#[test]
+fn many_concurrent_flushes_all_complete() {
+    // sled's flush_async loses wake-ups when awaited concurrently (sled #1308); Store::flush
+    // must not, or every plant registering at once hangs. The flushes run on their own
+    // thread and runtime, so that a hang fails this test instead of hanging it.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let flushing = store.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..64u8 {
+                let store = flushing.clone();
+                tasks.spawn(async move {
+                    store
+                        .record_update(&update(1, &format!("plant-{i}"), i))
+                        .unwrap();
+                    store.flush().await.unwrap();
+                });
+            }
+            while let Some(t) = tasks.join_next().await {
+                t.unwrap();
+            }
+        });
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("every concurrent flush completes");
+    assert_eq!(store.updates_of_round(1).unwrap().len(), 64);
 }

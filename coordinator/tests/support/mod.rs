@@ -114,6 +114,19 @@ pub fn synthetic_delta(seed: u64, scale: f32) -> ModelState {
     d
 }
 
+/// A synthetic delta whose values are multiples of 2^-20 (integers below 2^14 times that):
+/// with small sample counts every FedAvg sum is exact, so the running mean must equal the
+/// canonical model bit for bit.
+pub fn exact_delta(seed: u64) -> ModelState {
+    let mut d = synthetic_delta(seed, 0.01);
+    for (_, t) in d.iter_mut() {
+        for v in t.data_mut() {
+            *v = (*v * 1_048_576.0).round() / 1_048_576.0;
+        }
+    }
+    d
+}
+
 pub fn encode(delta: &ModelState, codec: Codec) -> Vec<u8> {
     let mut out = Vec::new();
     delta::encode(delta, codec, &mut out).unwrap();
@@ -350,4 +363,93 @@ pub async fn wait_for_version(site: &Site, url: &str, version: u64) {
 
 pub fn files_of(site: &Site, id: &str) -> TlsFiles {
     site.pki.plant_files(id)
+}
+
+/// The `coordinator` binary serving `config` as its own process (so that a test can SIGKILL
+/// it), with its output in `<data_dir>.log`.
+pub struct Process {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Process {
+    /// Writes `config` as a coordinator.toml next to its data folder and starts `serve`; waits
+    /// until it accepts TLS connections.
+    pub async fn start(site: &Site, config: &Config) -> Self {
+        let toml = config.data_dir.with_extension("toml");
+        let q = |p: &Path| format!("\"{}\"", p.display());
+        let r = &config.round;
+        let text = format!(
+            "listen = \"{}\"\ndata_dir = {}\nsigning_key = {}\ninitial_model = {}\n\
+             [tls]\nca = {}\ncert = {}\nkey = {}\n\
+             [round]\nmin_participants = {}\ntarget_participants = {}\ndeadline_secs = {}\ncodec = \"{}\"\n",
+            config.listen,
+            q(&config.data_dir),
+            q(&config.signing_key),
+            q(config.initial_model.as_ref().unwrap()),
+            q(&config.tls.ca_cert),
+            q(&config.tls.cert),
+            q(&config.tls.key),
+            r.min_participants,
+            r.target_participants,
+            r.deadline.as_secs(),
+            match r.codec {
+                Codec::Q8 { .. } => "q8".to_string(),
+                c => c.to_string(),
+            },
+        );
+        let text = match r.codec {
+            Codec::Q8 { block } => format!("{text}q8_block = {block}\n"),
+            _ => text,
+        };
+        std::fs::write(&toml, text).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.data_dir.with_extension("log"))
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["serve", "--config"])
+            .arg(&toml)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{}", config.listen.port());
+        let files = site.pki.admin_files();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while channel(&url, &files.ca_cert, &files.cert, &files.key)
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the coordinator binary did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, url }
+    }
+
+    /// SIGKILL: no drain, no flush, nothing finishes.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free port on 127.0.0.1 for a coordinator process that is restarted on the same address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -1,12 +1,13 @@
-//! One training run's state and its optimizer step: forward under autocast, loss, backward
-//! (with dynamic loss scaling on CUDA), the FedProx gradient, AdamW; plus checkpoints and the
-//! final report.
+//! One training run's state and its optimizer step: forward (float16 on CUDA, `Precision`), loss, backward
+//! (with dynamic loss scaling on CUDA), the FedProx gradient, AdamW; the learning-rate
+//! schedule's position across resumed runs; checkpoints and the final report.
 
 use std::time::Instant;
 
-use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use super::adamw::AdamW;
+use super::resume::{LossScale, Plan, TrainingPosition, TrainingState};
 use super::{
     learning_rate, CheckpointPolicy, FedProx, Progress, Stop, StopReason, TrainConfig, TrainError,
     TrainReport,
@@ -14,28 +15,30 @@ use super::{
 use crate::data::Batch;
 use crate::detector::loss::centernet_loss;
 use crate::detector::targets::TargetMaps;
-use crate::detector::{CheckpointInfo, Detector};
+use crate::detector::{CheckpointInfo, Detector, Precision};
 
-/// Dynamic loss scaling for float16 autocast (PyTorch's GradScaler defaults).
-struct LossScaler {
-    scale: f64,
-    good_steps: u32,
-}
+/// PyTorch GradScaler's initial scale and growth interval.
+const INITIAL_LOSS_SCALE: f64 = 65536.0;
+const LOSS_SCALE_GROWTH_STEPS: u32 = 2000;
 
 /// The state of one training run.
 pub(super) struct Run<'c> {
     cfg: &'c TrainConfig,
-    opt: nn::Optimizer,
+    opt: AdamW,
     /// Trainable variables and, under FedProx, their reference values.
-    trainable: Vec<Tensor>,
     prox: Vec<(Tensor, Tensor)>,
-    scaler: Option<LossScaler>,
+    /// Dynamic loss scaling for float16 training; `None` without mixed precision.
+    scaler: Option<LossScale>,
     classes: usize,
     device: Device,
-    /// Steps before this run in the whole schedule (resumed epochs), and planned in total.
+    per_epoch: u64,
+    /// Steps and seconds of the runs this one resumes.
     steps_before: u64,
-    schedule_steps: Option<u64>,
+    seconds_before: f64,
+    /// Steps of this run.
     step: u64,
+    /// Batches of the current epoch trained, by this run or the one it resumes.
+    batch_in_epoch: u64,
     images: u64,
     started: Instant,
     epoch_loss: (f64, u64),
@@ -47,41 +50,37 @@ impl<'c> Run<'c> {
         per_epoch: usize,
         cfg: &'c TrainConfig,
     ) -> Result<Self, TrainError> {
-        let vs = det.var_store();
-        let opt = nn::AdamW {
-            wd: cfg.weight_decay,
-            ..Default::default()
-        }
-        .build(vs, cfg.lr)?;
-        // Epoch runs continue the schedule of the epochs already done; step and wall-clock
-        // runs have their own.
-        let (steps_before, schedule_steps) = match cfg.stop {
-            Stop::Epochs(n) => {
-                let per_epoch = per_epoch as u64;
-                (
-                    u64::from(cfg.start_epoch) * per_epoch,
-                    Some(u64::from(n) * per_epoch),
-                )
-            }
-            Stop::Steps(n) => (0, Some(n)),
-            Stop::WallClock(_) => (0, None),
+        let per_epoch = per_epoch as u64;
+        let training = cfg.resume.as_ref().and_then(|r| r.training.as_ref());
+        let (steps_before, seconds_before) = match (&cfg.resume, training) {
+            (_, Some(t)) => (t.position.steps_done, t.position.seconds_done),
+            // Without a recorded position, whole epochs are all that is known.
+            (Some(r), None) => (u64::from(r.epoch) * per_epoch, 0.0),
+            (None, None) => (0, 0.0),
         };
+        let opt = AdamW::new(det, cfg.weight_decay, training.map(|t| &t.optimizer))?;
         let device = det.device();
         let amp = cfg.mixed_precision && device.is_cuda();
+        let scaler = amp.then(|| {
+            training
+                .and_then(|t| t.position.loss_scale)
+                .unwrap_or(LossScale {
+                    scale: INITIAL_LOSS_SCALE,
+                    good_steps: 0,
+                })
+        });
         Ok(Self {
             cfg,
             opt,
-            trainable: vs.trainable_variables(),
             prox: prox_pairs(det, cfg.fedprox.as_ref())?,
-            scaler: amp.then_some(LossScaler {
-                scale: 65536.0,
-                good_steps: 0,
-            }),
+            scaler,
             classes: det.class_names().len(),
             device,
+            per_epoch,
             steps_before,
-            schedule_steps,
+            seconds_before,
             step: 0,
+            batch_in_epoch: 0,
             images: 0,
             started: Instant::now(),
             epoch_loss: (0.0, 0),
@@ -96,17 +95,43 @@ impl<'c> Run<'c> {
         }
     }
 
-    /// Position in the cosine, 0 to 1.
+    /// Position in the cosine, 0 to 1, over this run and the ones it resumes.
     fn schedule_progress(&self) -> f64 {
-        match (self.cfg.stop, self.schedule_steps) {
-            (Stop::WallClock(d), _) => self.started.elapsed().as_secs_f64() / d.as_secs_f64(),
-            (_, Some(total)) if total > 0 => (self.steps_before + self.step) as f64 / total as f64,
-            _ => 0.0,
+        let done = (self.steps_before + self.step) as f64;
+        match self.cfg.stop {
+            Stop::Epochs(n) => {
+                let total = u64::from(n) * self.per_epoch;
+                if total == 0 {
+                    0.0
+                } else {
+                    done / total as f64
+                }
+            }
+            Stop::Steps(n) => done / (self.steps_before + n) as f64,
+            Stop::WallClock(d) => {
+                (self.seconds_before + self.started.elapsed().as_secs_f64())
+                    / (self.seconds_before + d.as_secs_f64())
+            }
         }
     }
 
-    pub(super) fn reset_epoch_loss(&mut self) {
+    /// What the cosine decays towards, in totals over every run.
+    fn plan(&self) -> Plan {
+        match self.cfg.stop {
+            Stop::Epochs(n) => Plan::Epochs(n),
+            Stop::Steps(n) => Plan::Steps(self.steps_before + n),
+            Stop::WallClock(d) => Plan::Seconds(self.seconds_before + d.as_secs_f64()),
+        }
+    }
+
+    /// A new epoch whose first `skipped` batches were trained by the run this one resumes.
+    pub(super) fn start_epoch(&mut self, skipped: u64) {
         self.epoch_loss = (0.0, 0);
+        self.batch_in_epoch = skipped;
+    }
+
+    pub(super) fn end_epoch(&mut self) {
+        self.batch_in_epoch = 0;
     }
 
     /// One optimizer step on `batch`.
@@ -116,19 +141,24 @@ impl<'c> Run<'c> {
         batch: &Batch,
         epoch: u32,
     ) -> Result<Progress, TrainError> {
+        // The warmup counts optimizer updates, so it runs again whenever the moments restart.
         let lr = learning_rate(
             self.cfg.lr,
             self.cfg.warmup_steps,
-            self.step,
+            self.opt.steps_taken(),
             self.schedule_progress(),
         );
-        self.opt.set_lr(lr);
         let images = det.images_tensor(batch)?;
         let targets =
             TargetMaps::build(&batch.annotations, self.classes, batch.height, batch.width)?
                 .to_tensors(self.device)?;
         let amp = self.scaler.is_some();
-        let out = tch::autocast(amp, || det.forward(&images, true))?;
+        let precision = if amp {
+            Precision::Float16
+        } else {
+            Precision::Float32
+        };
+        let out = det.forward_in(&images, true, precision)?;
         let loss = centernet_loss(&out, &targets, self.cfg.box_weight)?;
         let value = loss.total.f_double_value(&[])?;
         if !value.is_finite() {
@@ -150,9 +180,10 @@ impl<'c> Run<'c> {
         };
         if apply {
             self.add_prox_grads()?;
-            self.opt.step();
+            self.opt.step(lr)?;
         }
         self.step += 1;
+        self.batch_in_epoch += 1;
         self.images += batch.batch as u64;
         self.epoch_loss.0 += value;
         self.epoch_loss.1 += 1;
@@ -160,9 +191,13 @@ impl<'c> Run<'c> {
         Ok(Progress {
             epoch,
             step: self.step,
-            total_steps: self
-                .schedule_steps
-                .map(|t| t.saturating_sub(self.steps_before)),
+            total_steps: match self.cfg.stop {
+                Stop::Epochs(n) => {
+                    Some((u64::from(n) * self.per_epoch).saturating_sub(self.steps_before))
+                }
+                Stop::Steps(n) => Some(n),
+                Stop::WallClock(_) => None,
+            },
             loss: value,
             heatmap_loss: loss.heatmap.f_double_value(&[])?,
             box_loss: loss.boxes.f_double_value(&[])?,
@@ -180,16 +215,13 @@ impl<'c> Run<'c> {
         };
         let mut found_inf = Tensor::f_zeros([1], (Kind::Float, self.device))?;
         let inv = Tensor::f_full([1], 1.0 / scaler.scale, (Kind::Float, self.device))?;
-        for var in &self.trainable {
-            let mut grad = var.f_grad()?;
-            if grad.defined() {
-                grad.f_internal_amp_non_finite_check_and_unscale(&mut found_inf, &inv)?;
-            }
-        }
+        self.opt.for_each_grad(|grad| {
+            grad.f_internal_amp_non_finite_check_and_unscale(&mut found_inf, &inv)
+        })?;
         let ok = found_inf.f_double_value(&[0])? == 0.0;
         if ok {
             scaler.good_steps += 1;
-            if scaler.good_steps >= 2000 {
+            if scaler.good_steps >= LOSS_SCALE_GROWTH_STEPS {
                 scaler.scale *= 2.0;
                 scaler.good_steps = 0;
             }
@@ -217,16 +249,30 @@ impl<'c> Run<'c> {
         Ok(())
     }
 
+    /// Writes the weights and everything needed to resume exactly: the optimizer state, the
+    /// schedule position and the batch reached in `epoch` (epochs completed before it).
     pub(super) fn checkpoint(
         &self,
         det: &Detector,
         policy: &CheckpointPolicy,
         epoch: u32,
     ) -> Result<(), TrainError> {
+        let position = TrainingPosition {
+            steps_done: self.steps_before + self.step,
+            seconds_done: self.seconds_before + self.started.elapsed().as_secs_f64(),
+            batches_into_epoch: self.batch_in_epoch,
+            plan: self.plan(),
+            loss_scale: self.scaler,
+        };
         let info = CheckpointInfo {
             epoch,
             metrics: serde_json::json!({ "train_loss": self.mean_loss(), "steps": self.step }),
             preprocess: policy.preprocess.clone(),
+            recipe: policy.recipe.clone(),
+            training: Some(TrainingState {
+                position,
+                optimizer: self.opt.state()?,
+            }),
         };
         det.save_checkpoint(&policy.path, &info)?;
         Ok(())

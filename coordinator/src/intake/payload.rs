@@ -1,0 +1,187 @@
+//! One upload's payload on its own blocking thread ([`PayloadTask`]): each chunk is appended
+//! to the temporary blob (hashed as written), then handed to the streaming decoder, which
+//! checks it against the base layout (names, shapes, codec, finite values, trailing checksum)
+//! and gives the values to the L2 norm and to the round's running mean as they arrive.
+//!
+//! Memory per upload is a few chunks whatever the model size: the async side waits while
+//! [`QUEUE`] chunks are queued, so a slow disk or decoder slows the plant down instead of
+//! filling memory. A refused payload stops the task at once, and the next [`PayloadTask::push`]
+//! returns its reason; a cut-off stream ends it with a truncation error. Whatever stops it,
+//! the values it gave the running mean are taken out again before its file is removed.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use fedinspect_common::delta::{self, DeltaSink};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::error::CoreError;
+use crate::hub::{Feed, OpenRound};
+use crate::storage::{BlobStore, DeltaFile, Incoming, StorageError};
+
+/// Chunks queued between the gRPC stream and the decoder.
+const QUEUE: usize = 2;
+
+/// The thread decoding one upload, and the queue that feeds it.
+pub struct PayloadTask {
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+    task: Option<JoinHandle<Result<Decoded, CoreError>>>,
+}
+
+/// A payload that decoded completely: its temporary file (not yet synced), its L2 norm and
+/// its open entry in the running mean.
+pub struct Decoded {
+    pub incoming: Incoming,
+    pub l2_norm: f64,
+    pub feed: Option<Feed>,
+}
+
+impl PayloadTask {
+    /// Starts decoding an upload for `round` into a new temporary blob of `blobs`.
+    pub fn spawn(blobs: BlobStore, round: Arc<OpenRound>, feed: Option<Feed>) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::task::spawn_blocking(move || run(&blobs, &round, feed, rx));
+        Self {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Queues the next chunk; if the task already refused the payload, returns why.
+    pub async fn push(&mut self, chunk: Vec<u8>) -> Result<(), CoreError> {
+        let tx = self.tx.as_ref().expect("push before finish");
+        if tx.send(chunk).await.is_ok() {
+            return Ok(());
+        }
+        match self.finish_inner().await {
+            Err(e) => Err(e),
+            Ok(_) => Err(CoreError::Internal(
+                "the payload decoder stopped before the stream ended".into(),
+            )),
+        }
+    }
+
+    /// Ends the stream and waits for the decoder's verdict.
+    pub async fn finish(mut self) -> Result<Decoded, CoreError> {
+        self.finish_inner().await
+    }
+
+    async fn finish_inner(&mut self) -> Result<Decoded, CoreError> {
+        self.tx = None;
+        let task = self.task.take().expect("finished once");
+        task.await
+            .map_err(|e| CoreError::Internal(format!("the payload decoder failed: {e}")))?
+    }
+}
+
+/// The blocking body: decode everything that arrives, then hand the file over or clean up.
+fn run(
+    blobs: &BlobStore,
+    round: &OpenRound,
+    mut feed: Option<Feed>,
+    rx: mpsc::Receiver<Vec<u8>>,
+) -> Result<Decoded, CoreError> {
+    let incoming = match blobs.incoming() {
+        Ok(i) => i,
+        Err(e) => {
+            if let Some(feed) = feed {
+                feed.discard_empty();
+            }
+            return Err(e.into());
+        }
+    };
+    let mut tee = Tee {
+        rx,
+        chunk: Vec::new(),
+        pos: 0,
+        incoming,
+        failed: None,
+    };
+    let mut sink = Sink {
+        squares: 0.0,
+        feed: feed.as_mut(),
+    };
+    let codec = round.record.plan.codec;
+    let result = delta::decode(&mut tee, &round.layout, Some(codec), &mut sink);
+    let squares = sink.squares;
+    let Tee {
+        incoming, failed, ..
+    } = tee;
+    match result {
+        Ok(_) => Ok(Decoded {
+            incoming,
+            l2_norm: squares.sqrt(),
+            feed,
+        }),
+        Err(e) => {
+            if let Some(feed) = feed {
+                take_out(feed, incoming.path(), round);
+            }
+            Err(match failed {
+                Some(storage) => storage.into(),
+                None => CoreError::from_delta(e),
+            })
+        }
+    }
+}
+
+/// Subtracts what an attempt delivered, read back from its (possibly partial) file.
+pub fn take_out(feed: Feed, path: &std::path::Path, round: &OpenRound) {
+    match DeltaFile::open_prefix(path, &round.layout, round.record.plan.codec) {
+        Ok(file) => feed.discard(&file),
+        // The header never arrived whole, so no value was delivered.
+        Err(_) => feed.discard_empty(),
+    }
+}
+
+/// A `Read` over the queued chunks that appends each chunk to the temporary blob before the
+/// decoder sees a byte of it, so the file always holds everything decoded.
+struct Tee {
+    rx: mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    incoming: Incoming,
+    /// Why writing the file failed, reported instead of the decoder's I/O error.
+    failed: Option<StorageError>,
+}
+
+impl Read for Tee {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            let Some(chunk) = self.rx.blocking_recv() else {
+                return Ok(0); // the stream ended
+            };
+            if let Err(e) = self.incoming.write(&chunk) {
+                let io = io::Error::other(e.to_string());
+                self.failed = Some(e);
+                return Err(io);
+            }
+            self.chunk = chunk;
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Receives the decoded values: the sum of squares (for the norm bound) in stream order, and
+/// the running mean.
+struct Sink<'a> {
+    squares: f64,
+    feed: Option<&'a mut Feed>,
+}
+
+impl DeltaSink for Sink<'_> {
+    fn values(&mut self, name: &str, offset: usize, values: &[f32]) {
+        self.squares += values
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>();
+        if let Some(feed) = self.feed.as_mut() {
+            feed.add(name, offset, values);
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The held-out test split and the evaluation of a global model on it with the client's own
+//! detector and evaluation code (map_33: the DeepPCB protocol, IoU > 0.33; map_50).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use fedinspect_client::data::deeppcb::{self, DeepPcbOptions, Split};
+use fedinspect_client::data::{
+    validate, Augment, Channels, Loader, LoaderOptions, OnInvalid, Preprocess, ValidateOptions,
+};
+use fedinspect_client::detector::{DecodeParams, Detector};
+use fedinspect_client::eval;
+use fedinspect_common::arch::ArchConfig;
+use fedinspect_common::ModelState;
+use serde::Serialize;
+use tch::Device;
+
+use crate::interrupt::Interrupt;
+
+/// Score threshold of the precision/recall figures of the report (mAP uses every score).
+const SCORE_THRESHOLD: f64 = 0.3;
+
+/// The test split of a DeepPCB-layout folder, decoded once and kept for every evaluation.
+pub struct TestSet {
+    loader: Loader,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Scores {
+    pub map_33: f64,
+    pub map_50: f64,
+    pub map_50_95: f64,
+    pub seconds: f64,
+}
+
+impl TestSet {
+    /// The `test.txt` items of `root` at `input_size`; at most `limit` images (0: all).
+    pub fn load(root: &Path, input_size: u32, limit: usize) -> Result<Self> {
+        let opts = DeepPcbOptions { template: true };
+        let loaded = deeppcb::load(root, Split::Test, &opts)
+            .with_context(|| format!("cannot read the test split of {}", root.display()))?;
+        let checked = validate(
+            loaded,
+            &ValidateOptions {
+                channels: Channels::GrayTemplate,
+                decode: false,
+                on_invalid: OnInvalid::Skip,
+            },
+        )?;
+        if !checked.report.is_clean() {
+            println!("test split: {}", checked.report);
+        }
+        let mut data = checked.dataset;
+        if limit > 0 && data.items.len() > limit {
+            data.items.truncate(limit);
+        }
+        let loader = Loader::new(
+            data,
+            Preprocess {
+                input_size,
+                channels: Channels::GrayTemplate,
+                clahe: None,
+            },
+            Augment::none(input_size),
+            LoaderOptions {
+                batch_size: 4,
+                cache: true,
+                ..LoaderOptions::default()
+            },
+        )?;
+        Ok(Self { loader })
+    }
+
+    pub fn len(&self) -> usize {
+        self.loader.dataset().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Evaluates `model` (built as `arch`) on the split; stops early if interrupted.
+    pub fn evaluate(
+        &self,
+        arch: &ArchConfig,
+        model: &ModelState,
+        device: Device,
+        interrupt: &Interrupt,
+    ) -> Result<Scores> {
+        let data = self.loader.dataset();
+        let det = Detector::from_state(arch.clone(), data.class_names.clone(), model, device)
+            .context("the model does not fit the detector")?;
+        let started = Instant::now();
+        let mut by_id = Vec::new();
+        for batch in self.loader.eval_batches() {
+            interrupt.check()?;
+            let dets = det.detect(&batch, &DecodeParams::default())?;
+            by_id.extend(batch.ids.iter().cloned().zip(dets));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let dets = eval::align_detections(data, by_id);
+        let report = eval::evaluate(
+            &dets,
+            &data.ground_truth(),
+            &data.class_names,
+            SCORE_THRESHOLD,
+            seconds,
+        )?;
+        Ok(Scores {
+            map_33: report.map_33,
+            map_50: report.map_50,
+            map_50_95: report.map_50_95,
+            seconds,
+        })
+    }
+}
