@@ -79,13 +79,33 @@ impl Target {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Accepted,
-    /// Refused with this error message.
-    Refused(String),
+    /// Refused: the error's variant name (`Truncated`, `ManifestMalformed`, ...) and message.
+    Refused {
+        kind: String,
+        message: String,
+    },
 }
 
 impl Outcome {
-    fn refused(e: impl ToString) -> Self {
-        Outcome::Refused(e.to_string())
+    /// Refused with error `e`, its kind read from its `Debug` form (the variant name).
+    pub fn refused<E: std::fmt::Debug + std::fmt::Display>(e: E) -> Self {
+        let debug = format!("{e:?}");
+        let kind = debug
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .next()
+            .unwrap_or_default();
+        Outcome::Refused {
+            kind: kind.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Refused by the harness itself, before any parser ran.
+    pub fn unusable(message: &str) -> Self {
+        Outcome::Refused {
+            kind: "UnusableInput".to_string(),
+            message: message.to_string(),
+        }
     }
 }
 
@@ -97,7 +117,7 @@ impl Outcome {
 /// accepted delta re-encodes (byte for byte with f32 and f16).
 pub fn delta_decode(data: &[u8]) -> Outcome {
     let Some((&flags, stream)) = data.split_first() else {
-        return Outcome::refused("empty input (byte 0 holds the decode flags)");
+        return Outcome::unusable("empty input (byte 0 holds the decode flags)");
     };
     let mut stream = stream.to_vec();
     if flags & DELTA_RESEAL != 0 && stream.len() >= 32 {

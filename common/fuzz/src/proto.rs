@@ -57,7 +57,7 @@ const PLANT: &str = "fuzz-plant";
 /// their manifest verifies with the key that signed it; capabilities survive storage's JSON.
 pub fn proto_messages(data: &[u8]) -> Outcome {
     let Some((&flags, bytes)) = data.split_first() else {
-        return Outcome::Refused("empty input (byte 0 picks the message type)".into());
+        return Outcome::unusable("empty input (byte 0 picks the message type)");
     };
     let kind = usize::from(flags & KIND_MASK) % KINDS.len();
     let resign = flags & RESIGN != 0;
@@ -87,14 +87,14 @@ pub fn proto_messages(data: &[u8]) -> Outcome {
 
 /// Decodes `bytes` as `M`, checks the re-encoding, and runs `convert` on both decodings, which
 /// must give the same result.
-fn decoded<M, R>(bytes: &[u8], convert: impl Fn(M) -> Result<R, String>) -> Outcome
+fn decoded<M, R>(bytes: &[u8], convert: impl Fn(M) -> Result<R, Outcome>) -> Outcome
 where
     M: Message + Default,
     R: PartialEq + std::fmt::Debug,
 {
     let message = match M::decode(bytes) {
         Ok(m) => m,
-        Err(e) => return Outcome::Refused(e.to_string()),
+        Err(e) => return Outcome::refused(e),
     };
     let encoded = message.encode_to_vec();
     assert_eq!(encoded.len(), message.encoded_len(), "encoded_len is wrong");
@@ -110,20 +110,20 @@ where
     assert_eq!(first, second, "a re-encoded message converts differently");
     match first {
         Ok(_) => Outcome::Accepted,
-        Err(e) => Outcome::Refused(e),
+        Err(refused) => refused,
     }
 }
 
-fn none<M>(_: M) -> Result<(), String> {
+fn none<M>(_: M) -> Result<(), Outcome> {
     Ok(())
 }
 
-fn protocol(version: u32) -> Result<(), String> {
-    check_protocol(version).map_err(|e| e.to_string())
+fn protocol(version: u32) -> Result<(), Outcome> {
+    check_protocol(version).map_err(Outcome::refused)
 }
 
 /// What `register` stores: the key (empty or 32 bytes) and the capabilities, as JSON.
-fn register(m: pb::RegisterRequest) -> Result<Capabilities, String> {
+fn register(m: pb::RegisterRequest) -> Result<Capabilities, Outcome> {
     let pb::RegisterRequest {
         protocol_version,
         capabilities,
@@ -131,7 +131,8 @@ fn register(m: pb::RegisterRequest) -> Result<Capabilities, String> {
     } = m;
     protocol(protocol_version)?;
     if !(plant_public_key.is_empty() || plant_public_key.len() == PUBLIC_KEY_LEN) {
-        return Err(format!("a {}-byte plant key", plant_public_key.len()));
+        let found = plant_public_key.len();
+        return Err(Outcome::unusable(&format!("a {found}-byte plant key")));
     }
     let caps: Capabilities = capabilities.map(Into::into).unwrap_or_default();
     let json = serde_json::to_vec(&caps).expect("capabilities serialise");
@@ -143,14 +144,15 @@ fn register(m: pb::RegisterRequest) -> Result<Capabilities, String> {
 
 /// An upload's header: the coordinator's conversion, then the signature check the coordinator
 /// runs for a plant that registered a key (`intake::check_plant_signature`, rebuilt here from
-/// public parts because it is private).
-fn upload(m: pb::UploadUpdateRequest, resign: bool) -> Result<UpdateHeader, String> {
+/// public parts because it is private). A chunk's bytes go to the delta decoder, which has its
+/// own target.
+fn upload(m: pb::UploadUpdateRequest, resign: bool) -> Result<Option<UpdateHeader>, Outcome> {
     let header = match m.part {
         Some(pb::upload_update_request::Part::Header(h)) => h,
-        Some(pb::upload_update_request::Part::Chunk(_)) => return Err("a chunk".into()),
-        None => return Err("an empty part".into()),
+        Some(pb::upload_update_request::Part::Chunk(_)) => return Ok(None),
+        None => return Err(Outcome::unusable("an upload message without its part")),
     };
-    let mut header = UpdateHeader::try_from(header).map_err(|e| e.to_string())?;
+    let mut header = UpdateHeader::try_from(header).map_err(Outcome::refused)?;
     if let Some((k, v)) = header.metrics.iter().find(|(_, v)| !v.is_finite()) {
         panic!("metric '{k}' = {v} passed the conversion");
     }
@@ -176,9 +178,9 @@ fn upload(m: pb::UploadUpdateRequest, resign: bool) -> Result<UpdateHeader, Stri
     }
     let verified = manifest.verify(&verifying_key(), &header.plant_signature);
     match verified {
-        Ok(()) => Ok(header),
+        Ok(()) => Ok(Some(header)),
         Err(e) if resign => panic!("a manifest signed by the harness does not verify: {e}"),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(Outcome::refused(e)),
     }
 }
 
@@ -285,7 +287,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, bool)> {
                 kind("UploadUpdateRequest"),
                 &upload(pb::upload_update_request::Part::Chunk(chunk.clone())),
             ),
-            false,
+            true,
         ),
         (
             "upload_status",

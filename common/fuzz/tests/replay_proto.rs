@@ -51,7 +51,7 @@ fn every_kept_proto_input_replays_without_a_panic() {
         let data = fs::read(path).unwrap();
         match panic::catch_unwind(AssertUnwindSafe(|| proto::proto_messages(&data))) {
             Ok(Outcome::Accepted) => accepted += 1,
-            Ok(Outcome::Refused(_)) => {}
+            Ok(Outcome::Refused { .. }) => {}
             Err(_) => failures.push(path.display().to_string()),
         }
     }

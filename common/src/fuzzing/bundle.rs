@@ -73,7 +73,7 @@ pub fn bundle_manifest(data: &[u8]) -> Outcome {
 /// verifies packs and unpacks into a bundle that verifies with the same manifest.
 pub fn bundle_archive(data: &[u8]) -> Outcome {
     let Some((&flags, tar)) = data.split_first() else {
-        return Outcome::refused("empty input (byte 0 holds the archive flags)");
+        return Outcome::unusable("empty input (byte 0 holds the archive flags)");
     };
     let scratch = Scratch::new();
     let dest = scratch.dir(DEST);
