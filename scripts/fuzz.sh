@@ -22,7 +22,8 @@ if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 fuzz_dir=common/fuzz
-all_targets=(delta_decode safetensors_read bundle_manifest bundle_archive onnx_decode proto_messages)
+all_targets=(delta_decode safetensors_read bundle_manifest bundle_archive onnx_decode
+    proto_messages)
 read -r -a targets <<<"${FUZZ_TARGETS:-${all_targets[*]}}"
 work="${FUZZ_WORK:-$fuzz_dir/target/corpus-work}"
 
@@ -79,8 +80,9 @@ for t in "${targets[@]}"; do
     if ((status != 0)); then
         failed+=("$t")
         line+="  FAILED (exit $status)"
-        echo "---- $t failed; the end of its log:" >&2
-        tail -n 40 "$log" >&2
+        echo "---- $t failed; what went wrong, from its log:" >&2
+        grep -a -A2 -E "panicked at|ERROR: (AddressSanitizer|libFuzzer)|==ERROR" "$log" | head -n 20 >&2 || true
+        grep -a -E "^(Failing input:|\s+common/fuzz/artifacts/)" "$log" >&2 || true
     fi
     summary+=("$line")
 done
@@ -90,7 +92,8 @@ echo "fuzz summary (${seconds}s per target):"
 printf '  %s\n' "${summary[@]}"
 if ((${#failed[@]})); then
     echo "fuzz: FAILED: ${failed[*]}; the inputs are under $fuzz_dir/artifacts/<target>/." >&2
-    echo "fuzz: minimise one with 'cargo +nightly fuzz tmin --fuzz-dir $fuzz_dir -a <target> <file>'," >&2
+    echo "fuzz: minimise one with" >&2
+    echo "fuzz:   cargo +nightly fuzz tmin --fuzz-dir $fuzz_dir -a <target> <file>," >&2
     echo "fuzz: copy it to $fuzz_dir/regressions/<target>/, fix the bug (docs/reliability.md)." >&2
     exit 1
 fi

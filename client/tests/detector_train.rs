@@ -275,9 +275,13 @@ fn assert_resume_is_exact(stop: Stop, n: u64, resumed_stop: Stop) {
     };
 
     let mut whole = tiny_detector(21);
+    // The same starting weights for the interrupted run, whatever other test threads did to
+    // LibTorch's global generator meanwhile.
+    let start = whole.state().unwrap();
     let whole_lrs = run_collecting_lr(&mut whole, &base, None);
 
     let mut first = tiny_detector(21);
+    first.load_state(&start).unwrap();
     let with_checkpoint = TrainConfig {
         checkpoint: Some(CheckpointPolicy {
             path: path.clone(),

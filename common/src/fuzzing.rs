@@ -18,6 +18,7 @@ use crate::model::{ModelState, Tensor};
 use crate::onnx;
 
 mod bundle;
+mod onnx_seed;
 mod seeds;
 
 pub use bundle::{bundle_archive, bundle_manifest, ARCHIVE_LIMITS, ARCHIVE_RESIGN};

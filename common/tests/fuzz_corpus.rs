@@ -142,13 +142,15 @@ fn write_seed_corpus() {
 /// How far fuzzing got, in the parsers' own terms: per target, how many inputs of a corpus
 /// folder each parser accepted and which errors refused the others. Reads
 /// `$FUZZ_CORPUS_DIR/<target>/` (default `common/fuzz/target/corpus-work`, where
-/// `scripts/fuzz.sh` keeps what it found).
+/// `scripts/fuzz.sh` keeps what it found); with `FUZZ_REPORT_MESSAGES` set, by error message
+/// (digits removed) rather than by error kind.
 #[test]
 #[ignore = "reports on a work corpus left by scripts/fuzz.sh"]
 fn report_corpus_outcomes() {
     let dir = std::env::var_os("FUZZ_CORPUS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| fuzz_dir().join("target").join("corpus-work"));
+    let messages = std::env::var_os("FUZZ_REPORT_MESSAGES").is_some();
     for target in Target::ALL {
         let inputs = files_in(&dir.join(target.name()));
         if inputs.is_empty() {
@@ -159,17 +161,22 @@ fn report_corpus_outcomes() {
         for path in &inputs {
             let kind = match replay(target, path) {
                 Ok(Outcome::Accepted) => "(accepted)".to_string(),
+                Ok(Outcome::Refused { kind, message }) if messages => {
+                    let shape: String = message.chars().filter(|c| !c.is_ascii_digit()).collect();
+                    format!("{kind}: {}", shape.chars().take(240).collect::<String>())
+                }
                 Ok(Outcome::Refused { kind, .. }) => kind,
                 Err(e) => panic!("{e}"),
             };
             *kinds.entry(kind).or_default() += 1;
         }
         let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let sep = if messages { "\n  " } else { ", " };
         eprintln!(
             "{} ({} inputs): {}",
             target.name(),
             inputs.len(),
-            kinds.join(", ")
+            kinds.join(sep)
         );
     }
 }

@@ -1,4 +1,5 @@
-//! libFuzzer harness for the bundle manifest parser and checks, as verify_bundle runs them; the checks live in
+//! libFuzzer harness for the bundle manifest parser and checks, as
+//! verify_bundle runs them; the checks live in
 //! `fedinspect_common::fuzzing::bundle_manifest`, which the stable replay test runs too.
 #![no_main]
 

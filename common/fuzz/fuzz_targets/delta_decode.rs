@@ -1,4 +1,5 @@
-//! libFuzzer harness for the streaming delta decoder against a small fixed base layout; the checks live in
+//! libFuzzer harness for the streaming delta decoder against a small fixed
+//! base layout; the checks live in
 //! `fedinspect_common::fuzzing::delta_decode`, which the stable replay test runs too.
 #![no_main]
 

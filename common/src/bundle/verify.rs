@@ -126,8 +126,11 @@ pub(crate) fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<BundleManifest
         }
         None => return Err(malformed("no 'format' field".into())),
     }
+    // From the bytes, not from `value`: a `Value` keeps only the last of duplicate keys, so a
+    // signed manifest saying `"size"` twice would mean what this reader picked, not what any
+    // other reader picks. The struct parser refuses duplicate fields (found by fuzzing).
     let manifest: BundleManifest =
-        serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
+        serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
     manifest.check().map_err(|p| malformed(p.join("; ")))?;
     Ok(manifest)
 }
@@ -210,5 +213,49 @@ fn kind_of(meta: &fs::Metadata) -> &'static str {
         "a file"
     } else {
         "a special file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::{seeds, Target};
+
+    /// A valid manifest as a coordinator writes it (pretty JSON).
+    fn valid_manifest() -> String {
+        let seed = seeds()
+            .into_iter()
+            .find(|s| s.target == Target::BundleManifest && s.name == "minimal")
+            .expect("the fuzz seeds hold a minimal manifest");
+        String::from_utf8(seed.bytes).expect("a manifest is UTF-8")
+    }
+
+    /// Fuzzing found that duplicate keys were read as the last value (through a JSON `Value`):
+    /// a signed manifest must mean one thing to every reader, so they are refused.
+    #[test]
+    fn duplicate_keys_in_a_signed_manifest_are_refused() {
+        let path = Path::new(MANIFEST_FILE);
+        let valid = valid_manifest();
+        parse_manifest(path, valid.as_bytes()).expect("the seed manifest parses");
+        let twice = [
+            (
+                "\"model_version\": 3,",
+                "\"model_version\": 3,\n  \"model_version\": 4,",
+            ),
+            (
+                "\"role\": \"weights-safetensors\",",
+                "\"role\": \"weights-safetensors\",\n      \"size\": 17,",
+            ),
+        ];
+        for (once, duplicated) in twice {
+            assert_eq!(valid.matches(once).count(), 1, "{once}");
+            let bytes = valid.replacen(once, duplicated, 1);
+            match parse_manifest(path, bytes.as_bytes()) {
+                Err(BundleError::ManifestMalformed { reason, .. }) => {
+                    assert!(reason.contains("duplicate field"), "{reason}")
+                }
+                other => panic!("{duplicated}: {other:?}"),
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::fs;
 use ring::digest;
 
 use super::bundle::{Scratch, ARCHIVE_RESIGN};
+use super::onnx_seed::onnx_seed;
 use super::{delta_base, Target, DELTA_EXPECT_SHIFT, DELTA_RESEAL, DELTA_TRICKLE, SEED_Q8_BLOCK};
 use crate::arch::{ArchConfig, OUTPUT_STRIDE};
 use crate::bundle::{
@@ -18,12 +19,6 @@ use crate::bundle::{
 };
 use crate::delta::{self, Codec};
 use crate::model::ModelState;
-use crate::onnx::proto::{
-    attribute_type, data_type, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
-    ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
-};
-use crate::onnx::META_MODEL_HASH;
 use crate::signing::SigningKey;
 
 /// One seed input.
@@ -58,7 +53,7 @@ fn seed(target: Target, name: &'static str, bytes: Vec<u8>, accepted: bool) -> S
 
 /// The delta base layout filled with values at the codecs' edges: signed zero, a subnormal,
 /// the f16 limit, values that f16 rounds.
-fn seed_model() -> ModelState {
+pub(super) fn seed_model() -> ModelState {
     const VALUES: [f32; 8] = [0.5, -0.0, 1e-40, -3.25, 6.1e-5, -65504.0, 0.1, 1000.0];
     let mut model = delta_base().0.clone();
     let mut next = VALUES.iter().cycle();
@@ -131,13 +126,52 @@ fn safetensors_seeds() -> Vec<Seed> {
     ]
 }
 
+/// Two valid manifests, and one refused manifest per check of `BundleManifest::check` that
+/// byte-level mutations of JSON rarely reach on their own.
 fn manifest_seeds() -> Vec<Seed> {
     let full = seed_manifest(&seed_files(true));
     let minimal = seed_manifest(&seed_files(false));
-    vec![
+    let broken: [(&str, fn(&mut BundleManifest)); 8] = [
+        ("file_listed_twice", |m| m.files.push(m.files[0].clone())),
+        ("bad_file_hash", |m| {
+            m.files[1].sha256.make_ascii_uppercase()
+        }),
+        ("engine_wrong_source", |m| {
+            m.engines[0].source = WEIGHTS_FILE.into()
+        }),
+        ("engine_file_without_entry", |m| {
+            m.engines.pop();
+        }),
+        ("two_engines_one_target", |m| {
+            m.engines[1].precision = m.engines[0].precision
+        }),
+        ("class_names_mismatch", |m| {
+            m.class_names.pop();
+        }),
+        ("max_batch_zero", |m| m.input.max_batch = 0),
+        ("preprocessing_channels", |m| m.preprocessing.mean.push(0.5)),
+    ];
+    let mut seeds = vec![
         seed(Target::BundleManifest, "full", pretty(&full), true),
         seed(Target::BundleManifest, "minimal", pretty(&minimal), true),
-    ]
+    ];
+    for (name, breaks) in broken {
+        let mut m = full.clone();
+        breaks(&mut m);
+        seeds.push(seed(Target::BundleManifest, name, pretty(&m), false));
+    }
+    seeds
+}
+
+/// A fixed Ed25519 key (PKCS#8 v1 of a constant seed), so that regenerated seeds are the same
+/// bytes.
+fn seed_key() -> SigningKey {
+    const PKCS8_V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let der = [PKCS8_V1_PREFIX.as_slice(), &[0x5e; 32]].concat();
+    SigningKey::from_pkcs8(&der).expect("a PKCS#8 v1 Ed25519 key")
 }
 
 /// A whole bundle with every kind of file, signed by a key of its own: verified after the
@@ -145,7 +179,7 @@ fn manifest_seeds() -> Vec<Seed> {
 fn archive_seeds() -> Vec<Seed> {
     let files = seed_files(true);
     let manifest = pretty(&seed_manifest(&files));
-    let key = SigningKey::generate().expect("the system RNG works");
+    let key = seed_key();
     let scratch = Scratch::new();
     let dir = scratch.dir("seed");
     for (_, name, bytes) in &files {
@@ -292,131 +326,4 @@ fn seed_manifest(files: &[(FileRole, String, Vec<u8>)]) -> BundleManifest {
         engines,
         engine_note: "seed engines are not real".into(),
     }
-}
-
-/// A three-node ONNX model using every kind of field the exporter writes: raw and typed
-/// initializers, int, ints, float and string attributes, fixed and symbolic dimensions,
-/// metadata.
-fn onnx_seed() -> Vec<u8> {
-    use prost::Message;
-    use tensor_shape_proto::dimension::Value;
-    let dim = |v| tensor_shape_proto::Dimension {
-        value: Some(v),
-        denotation: None,
-    };
-    let value_info = |name: &str, channels: i64| ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(data_type::FLOAT),
-                shape: Some(TensorShapeProto {
-                    dim: vec![
-                        dim(Value::DimParam("batch".into())),
-                        dim(Value::DimValue(channels)),
-                        dim(Value::DimValue(64)),
-                        dim(Value::DimValue(64)),
-                    ],
-                }),
-            })),
-            denotation: None,
-        }),
-        doc_string: None,
-    };
-    let attr = |name: &str, kind: i32| AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(kind),
-        ..Default::default()
-    };
-    let node = |op: &str, inputs: &[&str], output: &str, attribute| NodeProto {
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: Some(format!("{output}:node")),
-        op_type: Some(op.into()),
-        attribute,
-        ..Default::default()
-    };
-    let weight: Vec<u8> = [0.5f32, -1.25]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let model = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        producer_name: Some("fedinspect".into()),
-        producer_version: Some("0.1.0".into()),
-        graph: Some(GraphProto {
-            node: vec![
-                node(
-                    "Conv",
-                    &["images", "conv.weight", "conv.bias"],
-                    "conv",
-                    vec![
-                        AttributeProto {
-                            ints: vec![1, 1],
-                            ..attr("kernel_shape", attribute_type::INTS)
-                        },
-                        AttributeProto {
-                            i: Some(1),
-                            ..attr("group", attribute_type::INT)
-                        },
-                    ],
-                ),
-                node(
-                    "LeakyRelu",
-                    &["conv"],
-                    "act",
-                    vec![AttributeProto {
-                        f: Some(0.1),
-                        ..attr("alpha", attribute_type::FLOAT)
-                    }],
-                ),
-                node(
-                    "Resize",
-                    &["act", "", "up:scales"],
-                    "heatmap",
-                    vec![AttributeProto {
-                        s: Some(b"nearest".to_vec()),
-                        ..attr("mode", attribute_type::STRING)
-                    }],
-                ),
-            ],
-            name: Some("seed".into()),
-            initializer: vec![
-                TensorProto {
-                    dims: vec![2, 1, 1, 1],
-                    data_type: Some(data_type::FLOAT),
-                    name: Some("conv.weight".into()),
-                    doc_string: Some("BatchNorm folded in".into()),
-                    raw_data: Some(weight),
-                    ..Default::default()
-                },
-                TensorProto {
-                    dims: vec![2],
-                    data_type: Some(data_type::FLOAT),
-                    float_data: vec![0.0, 0.25],
-                    name: Some("conv.bias".into()),
-                    ..Default::default()
-                },
-                TensorProto {
-                    dims: vec![4],
-                    data_type: Some(data_type::FLOAT),
-                    float_data: vec![1.0, 1.0, 2.0, 2.0],
-                    name: Some("up:scales".into()),
-                    ..Default::default()
-                },
-            ],
-            input: vec![value_info("images", 1)],
-            output: vec![value_info("heatmap", 2)],
-            ..Default::default()
-        }),
-        metadata_props: vec![StringStringEntryProto {
-            key: Some(META_MODEL_HASH.into()),
-            value: Some(seed_model().content_hash().to_hex()),
-        }],
-        ..Default::default()
-    };
-    model.encode_to_vec()
 }
