@@ -126,12 +126,15 @@ fn safetensors_seeds() -> Vec<Seed> {
     ]
 }
 
+/// Makes a valid manifest break one check.
+type BreakManifest = fn(&mut BundleManifest);
+
 /// Two valid manifests, and one refused manifest per check of `BundleManifest::check` that
 /// byte-level mutations of JSON rarely reach on their own.
 fn manifest_seeds() -> Vec<Seed> {
     let full = seed_manifest(&seed_files(true));
     let minimal = seed_manifest(&seed_files(false));
-    let broken: [(&str, fn(&mut BundleManifest)); 8] = [
+    let broken: [(&str, BreakManifest); 8] = [
         ("file_listed_twice", |m| m.files.push(m.files[0].clone())),
         ("bad_file_hash", |m| {
             m.files[1].sha256.make_ascii_uppercase()
