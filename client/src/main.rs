@@ -22,7 +22,8 @@ use fedinspect_client::data::{
     ValidateOptions,
 };
 use fedinspect_client::detector::{
-    train, CheckpointInfo, CheckpointPolicy, DecodeParams, Detector, Resume, Stop, TrainConfig,
+    train, CheckpointInfo, CheckpointPolicy, DecodeParams, Detector, FinalWrite, Resume, Stop,
+    TrainConfig,
 };
 use fedinspect_client::eval::{self, export, EvalReport};
 use fedinspect_common::arch::ArchConfig;
@@ -75,6 +76,13 @@ struct EvalArgs {
     /// Evaluate only the first N test images (0: all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Only the test images of these board groups (e.g. the four never in trainval.txt:
+    /// group12000,group12100,group12300,group90100); default all.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
+    /// LibTorch CPU threads (0: LibTorch's default, all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: u32,
     /// Network input side, a multiple of 32 [default: the checkpoint's].
     #[arg(long)]
     input_size: Option<u32>,
@@ -432,6 +440,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             every_epochs: 1,
             preprocess: Some(plant.preprocess.clone()),
             recipe: Some(serde_json::to_value(&recipe)?),
+            final_write: FinalWrite::default(),
         }),
         ..TrainConfig::default()
     };
@@ -583,6 +592,9 @@ fn load_for_inference(
 
 fn eval_cmd(a: &EvalArgs) -> Result<()> {
     require_data_folder(&a.data)?;
+    if a.threads > 0 {
+        tch::set_num_threads(i32::try_from(a.threads)?);
+    }
     let (det, preprocess) = load_for_inference(&a.checkpoint, device(&a.device)?, a.input_size)?;
     let loaded = deeppcb::load(
         &a.data,
@@ -600,6 +612,15 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         },
     )?;
     let mut dataset = checked.dataset;
+    if !a.groups.is_empty() {
+        let available = dataset.groups();
+        let unknown: Vec<&String> = a.groups.iter().filter(|g| !available.contains(g)).collect();
+        if !unknown.is_empty() {
+            bail!("--groups {unknown:?}: not groups of the test split; test.txt has {available:?}");
+        }
+        let wanted: Vec<&str> = a.groups.iter().map(String::as_str).collect();
+        dataset = dataset.with_groups(&wanted);
+    }
     if a.limit > 0 {
         dataset.items.truncate(a.limit);
     }

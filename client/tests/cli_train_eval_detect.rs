@@ -134,6 +134,47 @@ fn train_then_eval_json_then_detect() {
     let seconds = report["seconds"].as_f64().expect("seconds");
     assert!(seconds > 0.0 && seconds < 60.0, "seconds = {seconds}");
 
+    // eval --groups: only those boards' test images; a group the split lacks is named.
+    let ckpt_arg = ckpt.to_str().unwrap();
+    let data_arg = data.to_str().unwrap();
+    let out = client_ok(&[
+        "eval",
+        "--data",
+        data_arg,
+        "--checkpoint",
+        ckpt_arg,
+        "--json",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--groups",
+        "group00002",
+    ]);
+    let grouped: Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    assert_eq!(grouped["images"].as_u64(), Some(1), "{grouped}");
+    assert_eq!(grouped["map_50"], report["map_50"], "the same single image");
+    let out = client(&[
+        "eval",
+        "--data",
+        data_arg,
+        "--checkpoint",
+        ckpt_arg,
+        "--device",
+        "cpu",
+        "--groups",
+        "group00002,group12000",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an unknown group must fail: {stderr}"
+    );
+    assert!(
+        stderr.contains("\"group12000\"") && stderr.contains("test.txt has [\"group00002\"]"),
+        "{stderr}"
+    );
+
     // detect: detections.json and one annotated PNG per image, at the image's size.
     let image = data.join("group00002/00002/00002001_test.jpg");
     let out_dir = dir.path().join("detections");

@@ -12,8 +12,8 @@ use fedinspect_client::detector::checkpoint::{
 };
 use fedinspect_client::detector::synthetic::rectangles;
 use fedinspect_client::detector::{
-    train, CheckpointInfo, CheckpointPolicy, Detector, DetectorError, FixedBatches, Resume, Stop,
-    TrainConfig,
+    train, CheckpointInfo, CheckpointPolicy, Detector, DetectorError, FinalWrite, FixedBatches,
+    Resume, Stop, TrainConfig,
 };
 use fedinspect_client::varstore::TorchError;
 use fedinspect_common::arch::ArchConfig;
@@ -142,6 +142,7 @@ fn trained_checkpoint(path: &Path) -> Detector {
             every_epochs: 1,
             preprocess: None,
             recipe: None,
+            final_write: FinalWrite::default(),
         }),
         ..TrainConfig::default()
     };

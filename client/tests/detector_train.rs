@@ -2,11 +2,14 @@
 //! written during training and resumed, and FedProx's pull towards the reference.
 
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use fedinspect_client::detector::synthetic::rectangles;
 use fedinspect_client::detector::{
-    train, CheckpointPolicy, DecodeParams, Detector, FedProx, FixedBatches, Resume, Stop,
-    StopReason, TrainConfig,
+    train, CheckpointPolicy, DecodeParams, Detector, FedProx, FinalWrite, FixedBatches, Resume,
+    Stop, StopReason, TrainConfig,
 };
 use fedinspect_common::arch::ArchConfig;
 use tch::Device;
@@ -82,6 +85,7 @@ fn callback_can_cancel_and_the_state_is_still_checkpointed() {
             every_epochs: 1,
             preprocess: None,
             recipe: None,
+            final_write: FinalWrite::default(),
         }),
         ..config(Stop::Epochs(100))
     };
@@ -116,6 +120,7 @@ fn resumes_from_a_checkpoint_epoch() {
         every_epochs: 1,
         preprocess: None,
         recipe: None,
+        final_write: FinalWrite::default(),
     };
     let cfg = TrainConfig {
         checkpoint: Some(policy.clone()),
@@ -288,6 +293,7 @@ fn assert_resume_is_exact(stop: Stop, n: u64, resumed_stop: Stop) {
             every_epochs: 1,
             preprocess: None,
             recipe: None,
+            final_write: FinalWrite::default(),
         }),
         ..base.clone()
     };
@@ -360,6 +366,7 @@ fn optimizer_state_of_another_architecture_is_refused() {
             every_epochs: 1,
             preprocess: None,
             recipe: None,
+            final_write: FinalWrite::default(),
         }),
         ..config(Stop::Steps(1))
     };
@@ -391,5 +398,99 @@ fn optimizer_state_of_another_architecture_is_refused() {
         err.starts_with("cannot resume: the optimizer state does not fit the model: exp_avg of '")
             && err.contains("has shape"),
         "{err}"
+    );
+}
+
+/// A checkpoint path whose folder is a regular file: every write is refused, as on a full disk.
+fn blocked_path(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let blocker = dir.join("state");
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    (blocker.clone(), blocker.join("ckpt.safetensors"))
+}
+
+#[test]
+fn refused_checkpoint_writes_do_not_stop_training_and_the_final_one_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_blocker, path) = blocked_path(dir.path());
+    let mut det = tiny_detector(3);
+    let mut data = FixedBatches(vec![rectangles(2, 2, 64, 1, 2, 3)]);
+    let cfg = TrainConfig {
+        checkpoint: Some(CheckpointPolicy {
+            path: path.clone(),
+            every_epochs: 1,
+            preprocess: None,
+            recipe: None,
+            final_write: FinalWrite {
+                attempts: 2,
+                wait: Duration::from_millis(10),
+            },
+        }),
+        ..config(Stop::Epochs(3))
+    };
+    let mut steps = 0;
+    let err = train(&mut det, &mut data, &cfg, &mut |_| {
+        steps += 1;
+        ControlFlow::Continue(())
+    })
+    .unwrap_err();
+    assert_eq!(
+        steps, 3,
+        "every epoch trained although no checkpoint could be written"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cannot write model file") && msg.contains("ckpt.safetensors"),
+        "{msg}"
+    );
+    assert!(!path.exists());
+}
+
+#[test]
+fn the_final_checkpoint_is_written_once_the_disk_takes_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blocker, path) = blocked_path(dir.path());
+    let mut det = tiny_detector(4);
+    let mut data = FixedBatches(vec![rectangles(2, 2, 64, 1, 2, 4)]);
+    let cfg = TrainConfig {
+        checkpoint: Some(CheckpointPolicy {
+            path: path.clone(),
+            every_epochs: 1,
+            preprocess: None,
+            recipe: None,
+            final_write: FinalWrite {
+                attempts: 50,
+                wait: Duration::from_millis(200),
+            },
+        }),
+        ..config(Stop::Epochs(2))
+    };
+    // Space returns (the blocker goes) a moment after the last step: the epoch checkpoint and
+    // the first final tries fail, a later try writes the trained state.
+    let trained = Arc::new(AtomicBool::new(false));
+    let operator = {
+        let trained = Arc::clone(&trained);
+        std::thread::spawn(move || {
+            while !trained.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            std::fs::remove_file(&blocker).unwrap();
+        })
+    };
+    let report = train(&mut det, &mut data, &cfg, &mut |p| {
+        if p.step == 2 {
+            trained.store(true, Ordering::SeqCst);
+        }
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    operator.join().unwrap();
+    assert_eq!(report.steps, 2);
+    let (loaded, info) = Detector::load_checkpoint(&path, Device::Cpu).unwrap();
+    assert_eq!(info.epoch, 2);
+    assert_eq!(
+        loaded.state().unwrap().content_hash(),
+        det.state().unwrap().content_hash(),
+        "the checkpoint holds the trained state"
     );
 }

@@ -137,6 +137,12 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write model file {path}: {source}; whatever was at that path is unchanged (the write goes to a temporary file renamed into place): free disk space or fix the folder's permissions and run again")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid safetensors file ({reason}); it may be truncated or not a model file, fetch it again")]
     NotSafetensors { path: String, reason: String },
     #[error("'{0}' is not a 64-digit hex SHA-256 model hash")]
@@ -277,7 +283,7 @@ impl ModelState {
         metadata: &BTreeMap<String, String>,
     ) -> Result<(), ModelError> {
         let bytes = self.to_safetensors_bytes(metadata)?;
-        fsutil::write_atomic(path, |w| w.write_all(&bytes)).map_err(|source| ModelError::Io {
+        fsutil::write_atomic(path, |w| w.write_all(&bytes)).map_err(|source| ModelError::Write {
             path: path.display().to_string(),
             source,
         })

@@ -31,11 +31,13 @@ use super::{Detector, DetectorError};
 use crate::data::{Batch, Loader, Preprocess};
 
 mod adamw;
+mod checkpoint_write;
 mod malloc;
 mod resume;
 mod run;
 
 pub use adamw::{BETA1, BETA2, EPS};
+pub use checkpoint_write::FinalWrite;
 pub use resume::{AdamWState, LossScale, Plan, Resume, TrainingPosition, TrainingState};
 use run::Run;
 
@@ -119,6 +121,9 @@ pub struct CheckpointPolicy {
     pub preprocess: Option<Preprocess>,
     /// Recorded in the checkpoint as [`CheckpointInfo::recipe`](super::CheckpointInfo::recipe).
     pub recipe: Option<serde_json::Value>,
+    /// How long the final write keeps trying when the disk refuses it (epoch checkpoints that
+    /// fail are logged and skipped).
+    pub final_write: FinalWrite,
 }
 
 #[derive(Clone, Debug)]
@@ -313,12 +318,12 @@ pub fn train(
         run.end_epoch();
         if let Some(policy) = &cfg.checkpoint {
             if (epoch - first_epoch) % policy.every_epochs == 0 {
-                run.checkpoint(det, policy, epoch)?;
+                checkpoint_write::epoch_checkpoint(&run, det, policy, epoch)?;
             }
         }
     }
     if let Some(policy) = &cfg.checkpoint {
-        run.checkpoint(det, policy, epoch)?;
+        checkpoint_write::final_checkpoint(&run, det, policy, epoch)?;
     }
     Ok(run.report(epoch, reason))
 }
