@@ -7,10 +7,9 @@
 # Prints a per-round table and names the data folder (models, logs) at the end. Ctrl-C stops
 # every process.
 #
-#   scripts/run.sh                          DeepPCB if the team's copy is next to the clone,
-#                                           else the embedded synthetic plants
-#   scripts/run.sh --data /path/PCBData     DeepPCB (or any folder in its layout)
-#   scripts/run.sh --synthetic              the embedded synthetic plants
+#   scripts/run.sh                          the embedded synthetic plants (the default)
+#   scripts/run.sh --data /path/PCBData     DeepPCB (or any folder in its layout): three plants,
+#                                           one board group each
 #   scripts/run.sh --rounds 6 --codec f16   any `simulate quickstart` option (see --help)
 #
 # Output: .fedinspect/quickstart (OUT=... overrides). Running it again replaces the previous
@@ -19,23 +18,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-args=()
 data_given=no
-synthetic=no
 for a in "$@"; do
   case "$a" in
-    --synthetic) synthetic=yes ;;
-    --data|--data=*) data_given=yes; args+=("$a") ;;
-    *) args+=("$a") ;;
+    --data|--data=*) data_given=yes ;;
   esac
 done
-team_data="$(pwd)/../shared/datasets/deeppcb/PCBData"
-if [ "$data_given" = no ] && [ "$synthetic" = no ] && [ -f "$team_data/trainval.txt" ]; then
-  echo "fedinspect: using the DeepPCB data at $team_data (--synthetic for the embedded plants)"
-  args+=(--data "$team_data")
+if [ "$data_given" = no ]; then
+  echo "fedinspect: no --data: the embedded synthetic plants; for real PCB data run"
+  echo "fedinspect:   scripts/run.sh --data /path/to/deeppcb/PCBData"
 fi
 
 echo "fedinspect: building (release)"
 cargo build --release --quiet -p fedinspect-simulations -p fedinspect-coordinator \
   -p fedinspect-client --bin simulate --bin coordinator --bin client
-exec target/release/simulate quickstart --out "${OUT:-.fedinspect/quickstart}" "${args[@]}"
+exec target/release/simulate quickstart --out "${OUT:-.fedinspect/quickstart}" "$@"

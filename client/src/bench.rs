@@ -39,6 +39,9 @@ pub struct BenchOptions {
     pub infer_batches: Vec<usize>,
     pub infer_iters: usize,
     pub infer_warmup: usize,
+    /// Time inference with BatchNorm folded into the convolutions, as `eval`, `detect` and
+    /// installed bundles run it ([`Detector::fold_batchnorm_for_inference`]).
+    pub fold_batchnorm: bool,
 }
 
 impl Default for BenchOptions {
@@ -55,6 +58,7 @@ impl Default for BenchOptions {
             infer_batches: vec![1, 8],
             infer_iters: 50,
             infer_warmup: 5,
+            fold_batchnorm: true,
         }
     }
 }
@@ -149,12 +153,20 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport
         None
     };
 
+    if opts.fold_batchnorm && !opts.infer_batches.is_empty() {
+        det.fold_batchnorm_for_inference()?;
+    }
     let mut infer = Vec::new();
     for &batch in &opts.infer_batches {
         let figures = inference_latency(&det, opts, batch, channels, classes)?;
         log(&format!(
-            "inference: batch {batch} at {s}x{s}: median {:.2} ms, p99 {:.2} ms per call \
+            "inference{}: batch {batch} at {s}x{s}: median {:.2} ms, p99 {:.2} ms per call \
              ({:.2} ms per image, {:.1} images/s) over {} calls",
+            if opts.fold_batchnorm {
+                " (BatchNorm folded)"
+            } else {
+                ""
+            },
             figures.median_ms,
             figures.p99_ms,
             figures.median_ms_per_image,

@@ -75,6 +75,9 @@ pub struct Detector {
     class_names: Vec<String>,
     vs: nn::VarStore,
     module: GraphModule,
+    /// The module with BatchNorm folded into convolutions, once
+    /// [`Detector::fold_batchnorm_for_inference`] was called; inference then uses it.
+    inference: Option<GraphModule>,
 }
 
 impl Detector {
@@ -99,6 +102,7 @@ impl Detector {
             class_names,
             vs,
             module,
+            inference: None,
         })
     }
 
@@ -163,7 +167,20 @@ impl Detector {
 
     /// Overwrites every variable; names and shapes must match this architecture exactly.
     pub fn load_state(&mut self, state: &ModelState) -> Result<(), DetectorError> {
-        Ok(load_state_into_var_store(state, &mut self.vs)?)
+        load_state_into_var_store(state, &mut self.vs)?;
+        if self.inference.is_some() {
+            self.inference = Some(self.module.folded()?);
+        }
+        Ok(())
+    }
+
+    /// Makes this an inference-only detector: BatchNorm folded into the convolutions before
+    /// it (one memory pass less per convolution; outputs equal within float rounding). Loading
+    /// weights refolds; training is refused from then on, since it would not reach the folded
+    /// copies. For `eval`, `detect`, benchmarks and installed bundles.
+    pub fn fold_batchnorm_for_inference(&mut self) -> Result<(), DetectorError> {
+        self.inference = Some(self.module.folded()?);
+        Ok(())
     }
 
     /// Runs the network on `images` (`[N, in_channels, H, W]` on this detector's device,
@@ -180,10 +197,18 @@ impl Detector {
         train: bool,
         precision: Precision,
     ) -> Result<HeadOutput, DetectorError> {
-        let mut outs = self
-            .module
-            .forward_in(images, train, precision)?
-            .into_iter();
+        let module = match (&self.inference, train) {
+            (None, _) => &self.module,
+            (Some(folded), false) => folded,
+            (Some(_), true) => {
+                return Err(DetectorError::Batch(
+                    "this detector was folded for inference and cannot train; load the model \
+                     into a new detector to train it"
+                        .into(),
+                ))
+            }
+        };
+        let mut outs = module.forward_in(images, train, precision)?.into_iter();
         match (outs.next(), outs.next()) {
             (Some(heatmap), Some(boxes)) => Ok(HeadOutput { heatmap, boxes }),
             _ => Err(DetectorError::Batch(

@@ -9,47 +9,27 @@
 //! refuses a coordinator that announces another key than the pinned one.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use fedinspect_client::agent::rpc;
 use fedinspect_client::agent::types::{Capabilities, Task, UpdateHeader};
 use fedinspect_client::agent::{Agent, AgentError, Event, Faults};
-use fedinspect_client::config::{Config, PUBLIC_KEY_FILE};
-use fedinspect_client::data::deeppcb::CLASS_NAMES;
-use fedinspect_client::detector::Detector;
-use fedinspect_common::arch::ArchConfig;
+use fedinspect_client::config::PUBLIC_KEY_FILE;
 use fedinspect_common::delta::{self, Codec, Layout};
 use fedinspect_common::fedavg::{aggregate_canonical, PlantUpdate};
 use fedinspect_common::manifests::{self, UpdateManifest, UPDATE_KIND};
-use fedinspect_common::pki::{self, InitOptions, PkiLayout};
 use fedinspect_common::signing::{SigningKey, VerifyingKey};
 use fedinspect_common::ModelState;
 use fedinspect_coordinator::config::{Limits, RoundPolicy};
 use fedinspect_coordinator::records::RoundState;
 use fedinspect_coordinator::versions::Versions;
-use fedinspect_coordinator::{Config as CoordinatorConfig, Coordinator, Running};
-use image::codecs::jpeg::JpegEncoder;
-use image::ExtendedColorType;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+
+mod federation_site;
+
+use federation_site::{drain, next_event, policy, Site, WAIT};
 
 const PLANTS: usize = 3;
-const IMAGES_PER_PLANT: usize = 8;
-const WAIT: Duration = Duration::from_secs(90);
-
-fn tiny_arch() -> ArchConfig {
-    ArchConfig {
-        in_channels: 2,
-        num_classes: CLASS_NAMES.len() as u32,
-        input_size: 64,
-        width: 0.25,
-        fpn_width: 16,
-        head_width: 16,
-        ..ArchConfig::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_agents_federate_two_rounds_into_the_canonical_fedavg() {
@@ -447,192 +427,4 @@ async fn an_agent_stops_when_the_coordinator_announces_another_key_than_the_pinn
     assert!(err.to_string().contains(&pinned.to_hex()), "{err}");
     assert!(running.hub().store.updates_of_round(1).unwrap().is_empty());
     running.stop(Duration::from_secs(10)).await.unwrap();
-}
-
-/// A PKI and the initial model (version 1) in a temporary folder.
-struct Site {
-    dir: tempfile::TempDir,
-    pki: PkiLayout,
-    initial: ModelState,
-}
-
-impl Site {
-    fn new(plants: usize) -> Self {
-        tch::set_num_threads(1);
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki::init(
-            &dir.path().join("pki"),
-            &InitOptions::with_plant_count(plants),
-        )
-        .unwrap();
-        let names = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
-        let initial = Detector::seeded(tiny_arch(), names, tch::Device::Cpu, 7)
-            .unwrap()
-            .state()
-            .unwrap();
-        initial
-            .save_safetensors(&dir.path().join("initial.safetensors"), &BTreeMap::new())
-            .unwrap();
-        Self { dir, pki, initial }
-    }
-
-    /// A coordinator on 127.0.0.1:0 with its own sled folder.
-    async fn start(&self, round: RoundPolicy, limits: Limits) -> Running {
-        let root = self.dir.path();
-        let config = CoordinatorConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: root.join("coordinator"),
-            tls: self.pki.coordinator_files(),
-            signing_key: self.pki.coordinator_signing_key(),
-            initial_model: Some(root.join("initial.safetensors")),
-            round,
-            limits,
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Coordinator::build(&config)
-            .unwrap()
-            .spawn(listener)
-            .unwrap()
-    }
-
-    fn address(&self, running: &Running) -> String {
-        format!("https://127.0.0.1:{}", running.local_addr().port())
-    }
-
-    /// plant-`i`'s data and plant.toml (paths relative to its folder where they can be), with
-    /// `agent` as the `[agent]` table; the config loaded from that file.
-    fn plant(&self, i: usize, address: &str, agent: &str) -> Config {
-        let plant_dir = self.dir.path().join(format!("plant-{i}"));
-        if !plant_dir.join("PCBData").exists() {
-            write_plant_data(&plant_dir.join("PCBData"), i);
-        }
-        let files = self.pki.plant_files(&format!("plant-{i}"));
-        let agent = if agent.is_empty() {
-            "backoff_initial_ms = 100\nbackoff_max_secs = 1\ndeadline_margin_secs = 1"
-        } else {
-            agent
-        };
-        let text = format!(
-            r#"
-[coordinator]
-address = "{address}"
-public_key = "{pub_key}"
-
-[tls]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-
-[state]
-dir = "state"
-
-[data]
-deeppcb = "PCBData"
-validation_fraction = 0.25
-
-[model]
-input_size = 64
-width = 0.25
-fpn_width = 16
-head_width = 16
-
-[training]
-device = "cpu"
-threads = 1
-warmup_steps = 2
-seed = {i}
-
-[agent]
-{agent}
-"#,
-            pub_key = self.pki.coordinator_verifying_key().display(),
-            ca = files.ca_cert.display(),
-            cert = files.cert.display(),
-            key = files.key.display(),
-        );
-        let path = plant_dir.join("plant.toml");
-        std::fs::write(&path, text).unwrap();
-        Config::load(&path).unwrap()
-    }
-}
-
-/// `plants` plants per round, q8, FedProx, one local epoch of batches of 3.
-fn policy(plants: usize, deadline_secs: u64, max_rounds: u64) -> RoundPolicy {
-    RoundPolicy {
-        min_participants: plants as u32,
-        target_participants: plants as u32,
-        deadline: Duration::from_secs(deadline_secs),
-        local_epochs: 1,
-        learning_rate: 5e-3,
-        fedprox_mu: 0.01,
-        batch_size: 3,
-        codec: Codec::q8(),
-        max_rounds,
-    }
-}
-
-/// The next event, within `WAIT`.
-async fn next_event(rx: &mut mpsc::UnboundedReceiver<Event>) -> Event {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("an event within the wait")
-        .expect("the agent is running")
-}
-
-/// Eight 64x64 DeepPCB pairs for plant `plant`: a board with traces as the template, the
-/// same board with bright and dark defect rectangles as the test image.
-fn write_plant_data(root: &Path, plant: usize) {
-    let group = format!("{:05}", plant);
-    let mut rng = ChaCha8Rng::seed_from_u64(plant as u64);
-    let mut split = String::new();
-    for n in 0..IMAGES_PER_PLANT {
-        let stem = format!("{group}{n:03}");
-        let mut template = vec![60u8; 64 * 64];
-        for y in (8..64).step_by(16) {
-            for x in 0..64 {
-                template[y * 64 + x] = 150;
-                template[(y + 1) * 64 + x] = 150;
-            }
-        }
-        let mut test = template.clone();
-        let mut boxes = String::new();
-        for _ in 0..rng.gen_range(1..=2) {
-            let (w, h) = (rng.gen_range(6..14), rng.gen_range(6..14));
-            let (x0, y0) = (rng.gen_range(0..64 - w), rng.gen_range(0..64 - h));
-            let class = rng.gen_range(1..=6u32);
-            let value = if class % 2 == 0 { 250 } else { 0 };
-            for y in y0..y0 + h {
-                for x in x0..x0 + w {
-                    test[y * 64 + x] = value;
-                }
-            }
-            boxes.push_str(&format!("{x0} {y0} {} {} {class}\n", x0 + w, y0 + h));
-        }
-        let images = root.join(format!("group{group}/{group}"));
-        jpeg(&images.join(format!("{stem}_test.jpg")), &test);
-        jpeg(&images.join(format!("{stem}_temp.jpg")), &template);
-        let notes = root.join(format!("group{group}/{group}_not"));
-        std::fs::create_dir_all(&notes).unwrap();
-        std::fs::write(notes.join(format!("{stem}.txt")), boxes).unwrap();
-        split.push_str(&format!(
-            "group{group}/{group}/{stem}.jpg group{group}/{group}_not/{stem}.txt\n"
-        ));
-    }
-    std::fs::write(root.join("trainval.txt"), split).unwrap();
-}
-
-fn jpeg(path: &Path, grey: &[u8]) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut file = std::fs::File::create(path).unwrap();
-    JpegEncoder::new_with_quality(&mut file, 95)
-        .encode(grey, 64, 64, ExtendedColorType::L8)
-        .unwrap();
-}
-
-fn drain(rx: &mut mpsc::UnboundedReceiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Ok(e) = rx.try_recv() {
-        out.push(e);
-    }
-    out
 }

@@ -73,6 +73,8 @@ mod encode;
 mod error_tests;
 mod format;
 #[cfg(test)]
+mod prehashed_tests;
+#[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
 mod test_util;
@@ -80,10 +82,10 @@ mod test_util;
 mod tests;
 
 pub use codec::{roundtrip, Codec, DEFAULT_Q8_BLOCK, MAX_Q8_BLOCK};
-pub use decode::{decode, decode_to_model, DeltaSink};
-pub use encode::encode;
+pub use decode::{decode, decode_prehashed, decode_to_model, DeltaSink, PrehashedRead};
+pub use encode::{encode, encode_with_sha256};
 pub use format::{
-    encoded_len, Layout, FORMAT_VERSION, MAGIC, MAX_NAME_LEN, MAX_RANK, MAX_TENSORS,
+    encoded_len, Layout, CHECKSUM_LEN, FORMAT_VERSION, MAGIC, MAX_NAME_LEN, MAX_RANK, MAX_TENSORS,
     MAX_TOTAL_VALUES,
 };
 

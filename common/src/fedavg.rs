@@ -1,5 +1,6 @@
 //! Federated averaging: the canonical FedAvg that defines every published model, the streaming
-//! accumulator that folds uploads in as they arrive, and the [`Strategy`] trait they serve.
+//! accumulator that folds uploads in as they arrive, the [`Strategy`] trait they serve, and the
+//! robust strategies next to FedAvg ([`CoordinateMedian`], [`TrimmedMean`]).
 //!
 //! FedAvg moves the global model by the sample-weighted mean of the plants' deltas:
 //!
@@ -54,6 +55,16 @@
 //! its layout checked before any value is added; a NaN or infinity found part-way takes the
 //! plant out again, subtracting from that same delta.
 //!
+//! # Robust strategies
+//!
+//! [`CoordinateMedian`] and [`TrimmedMean`] replace the weighted mean by a per-coordinate
+//! median or trimmed mean of the plants' deltas, one vote per plant, so that one plant's
+//! boosted, sign-flipped or over-weighted delta cannot drag the model far. They share one
+//! engine (`coordinate`): the same validation as FedAvg, then K tiles of
+//! [`COORDINATE_TILE`] values read from the [`DeltaSource`]s (memory O(K × tile + P)), each
+//! coordinate's values sorted before they are reduced, so that the result depends on the set
+//! of updates only, bit for bit, whatever their order, the tile size or where they live.
+//!
 //! # Refusals
 //!
 //! Every refusal is its own [`FedAvgError`] variant naming the plant and tensor: no plants, a
@@ -62,22 +73,32 @@
 //! value, and a float32 overflow of the average.
 
 mod canonical;
+mod coordinate;
 mod error;
 mod kernels;
 mod layout;
+mod median;
 mod source;
 mod strategy;
 mod stream;
+mod trimmed_mean;
 pub mod workload;
 
 pub use canonical::{aggregate_canonical, aggregate_canonical_part, TILE};
+pub use coordinate::COORDINATE_TILE;
 pub use error::FedAvgError;
+pub use median::CoordinateMedian;
 pub use source::{DeltaSource, PlantUpdate};
 pub use strategy::{FedAvg, Strategy};
 pub use stream::StreamingFedAvg;
+pub use trimmed_mean::{BadTrimFraction, TrimmedMean};
 
 #[cfg(test)]
 mod prop_tests;
+#[cfg(test)]
+mod robust_prop_tests;
+#[cfg(test)]
+mod robust_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use crate::error::CoreError;
 use crate::hub::Hub;
 use crate::records::{
-    now_unix_ms, ModelRecord, ModelStatus, PlantRecord, Revocation, RoundRecord, RoundState,
-    UpdateRecord,
+    now_unix_ms, AuditKind, ModelRecord, ModelStatus, PlantRecord, Revocation, RoundRecord,
+    RoundState, UpdateRecord,
 };
 
 /// The metric a version must have, at least as high as the promoted one's, to be promoted
@@ -72,11 +72,10 @@ pub struct RoundReport {
 
 /// The report of round `round`.
 pub fn round_report(hub: &Hub, round: u64) -> Result<RoundReport, CoreError> {
-    let record = hub.store.round(round)?.ok_or_else(|| {
-        CoreError::AdminRefused(format!(
-            "round {round} does not exist; list rounds with `coordinator admin rounds`"
-        ))
-    })?;
+    let record = hub
+        .store
+        .round(round)?
+        .ok_or(CoreError::UnknownRound(round))?;
     let updates = hub.store.updates_of_round(round)?;
     let base_size_bytes = hub
         .store
@@ -111,16 +110,18 @@ pub fn export_model(
         .model(version)?
         .ok_or(CoreError::UnknownVersion(version))?;
     let path = hub.blobs.path_of(&record.blob_sha256);
-    hub.audit(
+    hub.audit_action(
+        AuditKind::Export,
         &format!("admin:{admin}"),
-        "export_model",
+        None,
         &format!("version {version} exported ({} bytes)", record.size_bytes),
     );
     Ok((record, path))
 }
 
-/// Promotes `version`. Without `force` the version must be a candidate with [`GATE_METRIC`]
-/// at least as high as the promoted version's.
+/// Promotes `version`. Without `force` the version must pass the gate: with `[promotion]`,
+/// its `map_50` on the validation set (`crate::gate::admit`); without, [`GATE_METRIC`] at
+/// least as high as the promoted version's.
 pub async fn promote(
     hub: &Arc<Hub>,
     admin: &str,
@@ -133,11 +134,21 @@ pub async fn promote(
         .ok_or(CoreError::UnknownVersion(version))?;
     let current = promoted(hub)?;
     if current.as_ref().is_some_and(|c| c.version == version) {
+        if let Some(push) = hub.bundles.get() {
+            push.push_if_not_pushed(hub, version);
+        }
         return Ok(target);
     }
-    if !force {
-        gate(&target, current.as_ref())?;
-    }
+    // With `[promotion]`, the validation-set gate (`crate::gate`); without, the metric gate.
+    let gate_note = match &hub.policy.promotion_gate {
+        Some(g) => crate::gate::admit(hub, g, &target, current.as_ref(), force).await?,
+        None => {
+            if !force {
+                gate(&target, current.as_ref())?;
+            }
+            String::new()
+        }
+    };
     let mut changed = Vec::new();
     if let Some(mut c) = current {
         c.status = ModelStatus::Candidate;
@@ -149,11 +160,15 @@ pub async fn promote(
     history.push(version);
     hub.store.commit_promotion(&changed, &history)?;
     hub.store.flush().await?;
-    hub.audit(
+    hub.audit_action(
+        AuditKind::Promotion,
         &format!("admin:{admin}"),
-        "promote",
-        &format!("version {version} promoted (force: {force})"),
+        None,
+        &format!("version {version} promoted (force: {force}){gate_note}"),
     );
+    if let Some(push) = hub.bundles.get() {
+        push.push_version(hub, version, crate::bundle::RolloutReason::Promotion);
+    }
     Ok(target)
 }
 
@@ -209,14 +224,18 @@ pub async fn rollback(hub: &Arc<Hub>, admin: &str, to: u64) -> Result<ModelRecor
     hub.store
         .commit_promotion(&[current.clone(), target.clone()], &history)?;
     hub.store.flush().await?;
-    hub.audit(
+    hub.audit_action(
+        AuditKind::Rollback,
         &format!("admin:{admin}"),
-        "rollback",
+        None,
         &format!(
             "version {} rolled back to {}",
             current.version, target.version
         ),
     );
+    if let Some(push) = hub.bundles.get() {
+        push.push_version(hub, target.version, crate::bundle::RolloutReason::Rollback);
+    }
     Ok(target)
 }
 
@@ -258,10 +277,31 @@ pub async fn revoke(
     hub.store.put_plant(&record)?;
     hub.store.flush().await?;
     hub.disconnect(plant);
-    hub.audit(
+    hub.audit_action(
+        AuditKind::Revocation,
         &format!("admin:{admin}"),
-        "revoke",
+        Some(plant),
         &format!("plant {plant} revoked: {reason}"),
+    );
+    Ok(())
+}
+
+/// Releases `plant`'s pinned update-signing key, so that its next registration pins the key it
+/// presents (after the plant was re-enrolled with a new key). Audited.
+pub async fn release_key(hub: &Arc<Hub>, admin: &str, plant: &str) -> Result<(), CoreError> {
+    let mut record = hub
+        .store
+        .plant(plant)?
+        .ok_or_else(|| CoreError::UnknownPlant(plant.to_string()))?;
+    record.plant_public_key.clear();
+    hub.store.put_plant(&record)?;
+    hub.store.flush().await?;
+    hub.disconnect(plant);
+    hub.audit_action(
+        AuditKind::Other,
+        &format!("admin:{admin}"),
+        Some(plant),
+        &format!("plant {plant}: pinned update-signing key released"),
     );
     Ok(())
 }
@@ -272,4 +312,10 @@ fn promoted(hub: &Hub) -> Result<Option<ModelRecord>, CoreError> {
         Some(&v) => Ok(hub.store.model(v)?),
         None => Ok(None),
     }
+}
+
+/// Checks the data directory (see `storage::check`) on a blocking thread: it reads every blob.
+pub async fn check(hub: &Arc<Hub>) -> Result<crate::storage::check::CheckReport, CoreError> {
+    let hub = hub.clone();
+    crate::intake::blocking(move || Ok(crate::storage::check::check(&hub.store, &hub.blobs)?)).await
 }

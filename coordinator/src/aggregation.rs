@@ -1,12 +1,17 @@
-//! Turning a round's accepted deltas into the next model: norm clipping, the strategy call and
-//! the version's metrics. Pure and synchronous: no I/O of its own; the round driver opens the
-//! stored blobs as [`DeltaSource`]s (which the strategy reads tile by tile) and calls this on a
-//! blocking thread.
+//! Turning a round's accepted deltas into the next model: norm clipping, the configured
+//! strategy (FedAvg, median or trimmed mean) and its call, and the version's metrics. Pure and
+//! synchronous: no I/O of its own; the round driver opens the stored blobs as
+//! [`DeltaSource`]s (which the strategy reads tile by tile) and calls this on a blocking
+//! thread.
 
 use std::collections::BTreeMap;
 
-use fedinspect_common::fedavg::{DeltaSource, FedAvgError, PlantUpdate, Strategy};
+use fedinspect_common::fedavg::{
+    CoordinateMedian, DeltaSource, FedAvg, FedAvgError, PlantUpdate, Strategy,
+};
 use fedinspect_common::{ModelState, Tensor};
+
+use crate::config::AggregationStrategy;
 
 /// One accepted update: its delta as the strategy reads it (already clipped if it was).
 pub struct Input<'a> {
@@ -14,6 +19,15 @@ pub struct Input<'a> {
     pub num_samples: u64,
     pub delta: &'a dyn DeltaSource,
     pub metrics: &'a BTreeMap<String, f64>,
+}
+
+/// The strategy `[aggregation]` names.
+pub fn strategy_for(choice: &AggregationStrategy) -> Box<dyn Strategy + Send + Sync> {
+    match choice {
+        AggregationStrategy::FedAvg => Box::new(FedAvg),
+        AggregationStrategy::Median => Box::new(CoordinateMedian),
+        AggregationStrategy::TrimmedMean(tm) => Box::new(tm.clone()),
+    }
 }
 
 /// The factor that brings a delta of L2 norm `norm` down to `bound`, if it is above.

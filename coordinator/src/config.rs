@@ -14,6 +14,9 @@ use fedinspect_common::delta::{Codec, DEFAULT_Q8_BLOCK, MAX_Q8_BLOCK};
 use fedinspect_common::tls::TlsFiles;
 use serde::Deserialize;
 
+mod strategy;
+pub use strategy::{aggregation_strategy, AggregationStrategy, RawAggregation};
+
 /// The file as written: every field optional, unknown fields refused.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +31,14 @@ pub struct RawConfig {
     pub round: RawRound,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub aggregation: RawAggregation,
+    /// Absent: no metrics endpoint.
+    pub metrics: Option<RawMetrics>,
+    /// Absent: no bundles are built or pushed.
+    pub bundles: Option<crate::bundle::RawBundleSettings>,
+    /// Absent: promotion keeps the plant-reported metric gate (`admin_ops`).
+    pub promotion: Option<crate::gate::RawPromotion>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -51,6 +62,15 @@ pub struct RawRound {
     pub codec: Option<String>,
     pub q8_block: Option<u32>,
     pub max_rounds: Option<u64>,
+    pub sample_fraction: Option<f64>,
+    pub sample_seed: Option<u64>,
+    pub keep_update_blobs_rounds: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -73,6 +93,12 @@ pub struct Config {
     pub initial_model: Option<PathBuf>,
     pub round: RoundPolicy,
     pub limits: Limits,
+    /// Where the Prometheus endpoint (`GET /metrics`, plain HTTP) listens; `None` without a
+    /// `[metrics]` section.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Inference bundles built on promotion and pushed to the plants; `None` without a
+    /// `[bundles]` section.
+    pub bundles: Option<crate::bundle::BundleConfig>,
 }
 
 /// How rounds are run and what plants are asked to do.
@@ -90,6 +116,19 @@ pub struct RoundPolicy {
     pub codec: Codec,
     /// Stop opening rounds after this many; 0 runs forever.
     pub max_rounds: u64,
+    /// How the round's accepted updates become the next model (`[aggregation]`).
+    pub aggregation: AggregationStrategy,
+    /// Fraction of the registered plants tasked per round, in (0, 1]; 1 tasks every plant.
+    /// The sample is at least `target_participants` plants (all if fewer are registered).
+    pub sample_fraction: f64,
+    /// Seed of the sample: with the round number it fixes which plants are drawn.
+    pub sample_seed: u64,
+    /// Ended rounds whose accepted update blobs are kept (the newest ones); older rounds'
+    /// blobs are removed. `None` keeps every blob.
+    pub keep_update_blobs_rounds: Option<u64>,
+    /// The evaluation gate of promotion, from the `[promotion]` section (set by
+    /// `Config::from_raw`, as `aggregation` is from `[aggregation]`); `None` without it.
+    pub promotion_gate: Option<crate::gate::PromotionGate>,
 }
 
 /// Bounds on what one plant's update may be.
@@ -141,6 +180,11 @@ impl Default for RoundPolicy {
             batch_size: 8,
             codec: Codec::F16,
             max_rounds: 0,
+            aggregation: AggregationStrategy::FedAvg,
+            sample_fraction: 1.0,
+            sample_seed: 0,
+            keep_update_blobs_rounds: None,
+            promotion_gate: None,
         }
     }
 }
@@ -217,8 +261,25 @@ impl Config {
                 None
             }
         });
-        let round = round_policy(raw.round, &mut p);
+        let mut round = round_policy(raw.round, &mut p);
+        round.aggregation =
+            aggregation_strategy(raw.aggregation, round.target_participants, &mut p);
+        if let Some(raw_gate) = raw.promotion {
+            round.promotion_gate =
+                crate::gate::PromotionGate::resolve(raw_gate, base, initial_model.as_deref())
+                    .map_err(|problems| problems.into_iter().for_each(|x| p.push(x)))
+                    .ok();
+        }
         let limits = limits(raw.limits, &mut p);
+        let metrics_listen = raw.metrics.and_then(|m| metrics_listen(m, &mut p));
+        let bundles = match (raw.bundles, &data_dir) {
+            (Some(b), Some(dir)) => {
+                crate::bundle::BundleConfig::resolve(b, base, dir, initial_model.as_deref())
+                    .map_err(|problems| problems.into_iter().for_each(|x| p.push(x)))
+                    .ok()
+            }
+            _ => None,
+        };
         match (listen, data_dir, ca, cert, key, signing_key) {
             (
                 Some(listen),
@@ -235,6 +296,8 @@ impl Config {
                 initial_model,
                 round,
                 limits,
+                metrics_listen,
+                bundles,
             }),
             _ => Err(p.into_vec()),
         }
@@ -298,7 +361,22 @@ fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
             d.codec
         }
     };
+    let sample_fraction = raw.sample_fraction.unwrap_or(d.sample_fraction);
+    if !(sample_fraction.is_finite() && sample_fraction > 0.0 && sample_fraction <= 1.0) {
+        p.push(format!(
+            "round.sample_fraction: {sample_fraction} must be in (0, 1]; 1 tasks every plant"
+        ));
+    }
+    if raw.keep_update_blobs_rounds == Some(0) {
+        p.push(
+            "round.keep_update_blobs_rounds: must be at least 1 (leave it out to keep every blob)"
+                .into(),
+        );
+    }
     RoundPolicy {
+        sample_fraction,
+        sample_seed: raw.sample_seed.unwrap_or(d.sample_seed),
+        keep_update_blobs_rounds: raw.keep_update_blobs_rounds,
         min_participants,
         target_participants,
         deadline: Duration::from_secs(deadline_secs),
@@ -308,7 +386,25 @@ fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
         batch_size,
         codec,
         max_rounds: raw.max_rounds.unwrap_or(d.max_rounds),
+        // Set from the [aggregation] section by `Config::from_raw`.
+        aggregation: d.aggregation,
+        // Set from the [promotion] section by `Config::from_raw`.
+        promotion_gate: None,
     }
+}
+
+fn metrics_listen(raw: RawMetrics, p: &mut Problems) -> Option<SocketAddr> {
+    let Some(s) = raw.listen else {
+        p.push("metrics.listen: missing; name the address, e.g. \"127.0.0.1:9464\", or remove the [metrics] section".into());
+        return None;
+    };
+    s.parse::<SocketAddr>()
+        .map_err(|_| {
+            p.push(format!(
+                "metrics.listen: '{s}' is not an address with a port, e.g. \"127.0.0.1:9464\""
+            ))
+        })
+        .ok()
 }
 
 fn limits(raw: RawLimits, p: &mut Problems) -> Limits {

@@ -25,6 +25,8 @@ pub enum CoreError {
     Unauthenticated(String),
     #[error("plant '{plant}' was revoked ({reason}); ask the operator to enrol it again")]
     Revoked { plant: String, reason: String },
+    #[error("plant '{plant}' presented another update-signing key than the one pinned at its first registration; a plant's key changes only when the operator releases it (`coordinator admin release-key {plant}`, after re-enrolling the plant)")]
+    PlantKeyChanged { plant: String },
     #[error("plant '{0}' is not registered; call Register first")]
     NotRegistered(String),
     #[error("no plant '{0}' ever registered; list plants with `coordinator admin plants`")]
@@ -89,6 +91,12 @@ pub enum CoreError {
     NormExceeded { norm: f64, bound: f64 },
     #[error("round {round} closed before the update was stored; wait for the next train task")]
     RoundClosed { round: u64 },
+    #[error(
+        "plant '{plant}' is not among the plants sampled for round {round}; wait for a train task"
+    )]
+    NotSampled { plant: String, round: u64 },
+    #[error("round {0} does not exist; list rounds with `coordinator admin rounds`")]
+    UnknownRound(u64),
     #[error("model version {0} does not exist; list versions with `coordinator admin models`")]
     UnknownVersion(u64),
     #[error("no model version is stored yet; run `coordinator init-model --from <checkpoint.safetensors>` first")]
@@ -110,6 +118,53 @@ pub enum CoreError {
 }
 
 impl CoreError {
+    /// A short stable name of the variant, for metric labels (`reason="stale_base"`).
+    pub fn reason(&self) -> &'static str {
+        use CoreError::*;
+        match self {
+            ProtocolVersion { .. } => "protocol_version",
+            Malformed(_) => "malformed",
+            WrongRole { .. } => "wrong_role",
+            Unauthenticated(_) => "unauthenticated",
+            Revoked { .. } => "revoked",
+            PlantKeyChanged { .. } => "plant_key_changed",
+            NotRegistered(_) => "not_registered",
+            UnknownPlant(_) => "unknown_plant",
+            NoRoundOpen => "no_round_open",
+            WrongRound { .. } => "wrong_round",
+            StaleBase { .. } => "stale_base",
+            BaseHashMismatch { .. } => "base_hash_mismatch",
+            WrongCodec { .. } => "wrong_codec",
+            AlreadyContributed { .. } => "already_contributed",
+            PlantSignature { .. } => "plant_signature",
+            UpdateIdTaken { .. } => "update_id_taken",
+            TooManySamples { .. } => "too_many_samples",
+            ZeroSamples => "zero_samples",
+            PayloadTooLarge { .. } => "payload_too_large",
+            PayloadLength { .. } => "payload_length",
+            ResumeUnsupported(_) => "resume_unsupported",
+            ChunkOutOfOrder { .. } => "chunk_out_of_order",
+            ChunkTooLarge(_) => "chunk_too_large",
+            PayloadOverrun { .. } => "payload_overrun",
+            Truncated { .. } => "truncated",
+            PayloadDigest { .. } => "payload_digest",
+            BadDelta(_) => "bad_delta",
+            NormExceeded { .. } => "norm_exceeded",
+            RoundClosed { .. } => "round_closed",
+            NotSampled { .. } => "not_sampled",
+            UnknownRound(_) => "unknown_round",
+            UnknownVersion(_) => "unknown_version",
+            NoModel => "no_model",
+            AlreadyInitialised(_) => "already_initialised",
+            AdminRefused(_) => "admin_refused",
+            Model(_) => "model",
+            Aggregation(_) => "aggregation",
+            Signing(_) => "signing",
+            Storage(_) => "storage",
+            Internal(_) => "internal",
+        }
+    }
+
     /// A delta error from the decoder: a cut-off stream and a bad checksum are data loss,
     /// everything else a bad delta.
     pub fn from_delta(e: DeltaError) -> Self {

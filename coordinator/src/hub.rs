@@ -3,6 +3,7 @@
 //! change counter the driver waits on.
 
 mod preview;
+pub mod sampling;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Limits, RoundPolicy};
 use crate::error::CoreError;
-use crate::records::{now_unix_ms, AuditEntry, Digest, RoundRecord, TrainPlan, UpdateRecord};
+use crate::metrics::Metrics;
+use crate::records::{
+    now_unix_ms, AuditEntry, AuditKind, Digest, RoundRecord, TrainPlan, UpdateRecord,
+};
 use crate::storage::{BlobStore, RecordOutcome, Store};
 
 pub use preview::{Feed, Preview, PreviewCheck, PreviewOutcome, PreviewStatus};
@@ -40,6 +44,19 @@ pub struct OpenRound {
 #[derive(Clone, Debug, PartialEq)]
 pub enum PlantTask {
     Train(TrainTask),
+    /// Install a signed inference bundle (`crate::bundle::push`).
+    InstallBundle(InstallBundleTask),
+}
+
+/// Which bundle a plant is to download and install.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstallBundleTask {
+    pub bundle_id: String,
+    pub model_version: u64,
+    /// Hex SHA-256 of the bundle's manifest.json; the plant refuses any other manifest.
+    pub manifest_sha256: String,
+    /// Sent to the canary plants before everyone else.
+    pub canary: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -60,6 +77,8 @@ pub struct Hub {
     pub signer: SigningKey,
     /// Name in the coordinator's certificate.
     pub coordinator_id: String,
+    /// Counters for the metrics endpoint.
+    pub metrics: Arc<Metrics>,
     open: Mutex<Option<Arc<OpenRound>>>,
     sessions: Mutex<BTreeMap<String, mpsc::Sender<PlantTask>>>,
     events: watch::Sender<u64>,
@@ -68,6 +87,8 @@ pub struct Hub {
     hashed_at_intake: Mutex<HashSet<Digest>>,
     /// How the running mean compared with the latest published model.
     last_preview: Mutex<Option<PreviewCheck>>,
+    /// Bundle builds and pushes, when `[bundles]` is configured (set once by `node`).
+    pub bundles: std::sync::OnceLock<Arc<crate::bundle::push::BundlePush>>,
 }
 
 impl OpenRound {
@@ -89,6 +110,12 @@ impl OpenRound {
     /// Counts `n` bytes of the base model sent to a plant.
     pub fn count_sent(&self, n: u64) {
         self.bytes_sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether `plant` was sampled for this round (every plant is when none was sampled).
+    pub fn is_sampled(&self, plant: &str) -> bool {
+        let sampled = &self.record.sampled;
+        sampled.is_empty() || sampled.binary_search_by(|p| p.as_str().cmp(plant)).is_ok()
     }
 
     pub fn task(&self) -> TrainTask {
@@ -119,11 +146,13 @@ impl Hub {
             limits,
             signer,
             coordinator_id,
+            metrics: Arc::new(Metrics::default()),
             open: Mutex::new(None),
             sessions: Mutex::new(BTreeMap::new()),
             events: watch::channel(0).0,
             hashed_at_intake: Mutex::new(HashSet::new()),
             last_preview: Mutex::new(None),
+            bundles: std::sync::OnceLock::new(),
         }
     }
 
@@ -164,8 +193,8 @@ impl Hub {
         lock(&self.open).clone()
     }
 
-    /// Makes `round` the open round and sends its train task to every connected plant that
-    /// has not contributed to it yet.
+    /// Makes `round` the open round and sends its train task to every connected plant sampled
+    /// for it that has not contributed to it yet.
     pub fn set_open(&self, round: Arc<OpenRound>) -> Result<(), CoreError> {
         *lock(&self.open) = Some(round.clone());
         let task = PlantTask::Train(round.task());
@@ -174,7 +203,9 @@ impl Hub {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (plant, tx) in sessions {
-            if self.store.update_for(round.record.round, &plant)?.is_none() {
+            if round.is_sampled(&plant)
+                && self.store.update_for(round.record.round, &plant)?.is_none()
+            {
                 send(&plant, &tx, task.clone());
             }
         }
@@ -204,17 +235,30 @@ impl Hub {
     }
 
     /// Opens `plant`'s task channel (replacing an older one) and queues the open round's task
-    /// if the plant has not contributed to it.
+    /// if the plant was sampled for it and has not contributed to it.
     pub fn connect(&self, plant: &str) -> Result<mpsc::Receiver<PlantTask>, CoreError> {
         let (tx, rx) = mpsc::channel(TASK_QUEUE);
         if let Some(open) = self.open_round() {
-            if self.store.update_for(open.record.round, plant)?.is_none() {
+            if open.is_sampled(plant) && self.store.update_for(open.record.round, plant)?.is_none()
+            {
                 send(plant, &tx, PlantTask::Train(open.task()));
             }
         }
         lock(&self.sessions).insert(plant.to_string(), tx);
         self.notify();
         Ok(rx)
+    }
+
+    /// Queues `task` on `plant`'s task stream; false when the plant has no open stream.
+    pub fn send_to(&self, plant: &str, task: PlantTask) -> bool {
+        let tx = lock(&self.sessions).get(plant).cloned();
+        match tx {
+            Some(tx) if !tx.is_closed() => {
+                send(plant, &tx, task);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Ends `plant`'s task stream, if it has one.
@@ -236,16 +280,97 @@ impl Hub {
         sessions.keys().cloned().collect()
     }
 
+    /// The plants to task in round `round` (see `sampling`); empty when every plant is.
+    pub fn draw_sample(&self, round: u64) -> Result<Vec<String>, CoreError> {
+        if self.policy.sample_fraction >= 1.0 {
+            return Ok(Vec::new());
+        }
+        let eligible: Vec<String> = self
+            .store
+            .plants()?
+            .into_iter()
+            .filter(|p| p.revoked.is_none())
+            .map(|p| p.plant_id)
+            .collect();
+        Ok(sampling::draw(&eligible, round, &self.policy))
+    }
+
+    /// Removes the update blobs of rounds older than `round.keep_update_blobs_rounds` ended
+    /// rounds, if set (after a round ended). A failure is logged: the round is done, and the
+    /// next pass retries.
+    pub async fn remove_old_update_blobs(self: &Arc<Self>) {
+        let Some(keep) = self.policy.keep_update_blobs_rounds else {
+            return;
+        };
+        let hub = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            crate::storage::retention::remove_old_update_blobs(&hub.store, &hub.blobs, keep)
+        })
+        .await;
+        match result {
+            Ok(Ok(r)) if r.files > 0 => tracing::info!(
+                through_round = r.through_round,
+                files = r.files,
+                bytes = r.bytes,
+                "removed old update blobs"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove old update blobs"),
+            Err(e) => tracing::warn!(error = %e, "the blob retention task failed"),
+        }
+    }
+
+    /// Audits a refused request: `action` is the call refused, `detail` why. The plant it
+    /// concerns is the caller when a plant called.
+    pub fn audit(&self, actor: &str, action: &str, detail: &str) {
+        let plant = actor.strip_prefix("plant:").map(str::to_string);
+        self.write_audit(AuditKind::Refusal, actor, action, plant, detail);
+    }
+
+    /// Audits an admin action that changed something or took data out: a revocation (of
+    /// `plant`), a promotion, a rollback, an export.
+    pub fn audit_action(&self, kind: AuditKind, actor: &str, plant: Option<&str>, detail: &str) {
+        let action = match kind {
+            AuditKind::Revocation => "revoke",
+            AuditKind::Promotion => "promote",
+            AuditKind::Rollback => "rollback",
+            AuditKind::Export => "export_model",
+            AuditKind::Refusal | AuditKind::Other => kind.as_str(),
+        };
+        self.write_audit(kind, actor, action, plant.map(str::to_string), detail);
+    }
+
+    /// Audits an event named by `action` (bundle builds, pushes and install reports).
+    pub fn audit_event(
+        &self,
+        kind: AuditKind,
+        actor: &str,
+        action: &str,
+        plant: Option<&str>,
+        detail: &str,
+    ) {
+        self.write_audit(kind, actor, action, plant.map(str::to_string), detail);
+    }
+
     /// Writes an audit entry; a storage failure is logged, never returned, so that refusing a
     /// request does not turn into a different error.
-    pub fn audit(&self, actor: &str, action: &str, detail: &str) {
+    fn write_audit(
+        &self,
+        kind: AuditKind,
+        actor: &str,
+        action: &str,
+        plant: Option<String>,
+        detail: &str,
+    ) {
         let entry = AuditEntry {
             at_unix_ms: now_unix_ms(),
             actor: actor.to_string(),
             action: action.to_string(),
             detail: detail.to_string(),
+            kind,
+            plant,
         };
-        tracing::info!(actor, action, detail, "audit");
+        tracing::info!(actor, action, detail, kind = kind.as_str(), "audit");
         if let Err(e) = self.store.audit(&entry) {
             tracing::error!(error = %e, "cannot write audit entry");
         }

@@ -183,6 +183,12 @@ fn check_against_round(
             open: r.round,
         });
     }
+    if !round.is_sampled(plant) {
+        return Err(CoreError::NotSampled {
+            plant: plant.to_string(),
+            round: r.round,
+        });
+    }
     if let Some(existing) = hub.store.update_for(r.round, plant)? {
         return Err(CoreError::AlreadyContributed {
             plant: plant.to_string(),
@@ -257,6 +263,7 @@ impl Receiving {
             });
         }
         self.received += data.len() as u64;
+        self.hub.metrics.update_bytes_received(data.len() as u64);
         self.payload.push(data).await
     }
 

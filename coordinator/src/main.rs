@@ -102,11 +102,45 @@ enum AdminCmd {
         #[arg(long, default_value_t = 0)]
         to: u64,
     },
+    /// The audit log, newest first: refusals, revocations, promotions, rollbacks, exports.
+    Audit {
+        /// Only this kind: refusal, revocation, promotion, rollback, export or other.
+        #[arg(long, default_value = "")]
+        kind: String,
+        /// Only entries about this plant.
+        #[arg(long, default_value = "")]
+        plant: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Check the data directory: re-hash every model and kept update blob, cross-check the
+    /// database indexes. Exits non-zero when it finds a problem.
+    Check,
     /// Refuse a plant from now on.
     Revoke {
         plant: String,
         #[arg(long)]
         reason: String,
+    },
+    /// Release a plant's pinned update-signing key, after enrolling it again with a new key:
+    /// its next registration pins the new key.
+    ReleaseKey { plant: String },
+    /// Inference bundles: the push in force (`status`), or send a canary-installed bundle to
+    /// every plant (`confirm <version>`).
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BundleCmd {
+    /// The bundle being pushed, its stage and every plant's install report.
+    Status,
+    /// Push the bundle of VERSION, installed by the canary plants, to every plant.
+    Confirm {
+        version: u64,
+        /// Confirm although a canary plant reported a failure.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -203,12 +237,31 @@ async fn admin(args: AdminArgs) -> Result<()> {
         AdminCmd::Promote { version, force } => AdminCommand::Promote { version, force },
         AdminCmd::Rollback { to } => AdminCommand::Rollback { to },
         AdminCmd::Revoke { plant, reason } => AdminCommand::Revoke { plant, reason },
+        AdminCmd::ReleaseKey { plant } => AdminCommand::ReleaseKey { plant },
+        AdminCmd::Audit { kind, plant, limit } => {
+            AdminCommand::Audit(admin_client::AuditQuery { kind, plant, limit })
+        }
+        AdminCmd::Check => AdminCommand::Check,
+        AdminCmd::Bundle(BundleCmd::Status) => AdminCommand::BundleStatus,
+        AdminCmd::Bundle(BundleCmd::Confirm { version, force }) => {
+            AdminCommand::BundleConfirm { version, force }
+        }
     };
+    let is_check = command == AdminCommand::Check;
     let value = admin_client::run(&args.addr, &files, command).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", admin_client::render_text(&value));
+    }
+    // `check` fails when it found problems, so scripts and cron notice.
+    if let Some(problems) = value.get("problems").and_then(|p| p.as_array()) {
+        if is_check && !problems.is_empty() {
+            anyhow::bail!(
+                "the data directory has {} problem(s); restore data_dir from a backup or investigate the files named",
+                problems.len()
+            );
+        }
     }
     Ok(())
 }

@@ -37,6 +37,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Core(#[from] CoreError),
+    #[error(transparent)]
+    Bundles(#[from] crate::bundle::BundleSetupError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,8 @@ pub enum RunError {
 pub struct Coordinator {
     hub: Arc<Hub>,
     tls: ServerTlsConfig,
+    /// `[metrics] listen`, when set.
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// A serving coordinator.
@@ -66,6 +70,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     driver: Option<JoinHandle<Result<(), CoreError>>>,
+    /// The Prometheus endpoint's address and task, when `[metrics] listen` is set.
+    metrics: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
 }
 
 /// The store, blob store and signing key in `config.data_dir`, for commands that need no
@@ -107,9 +113,14 @@ impl Coordinator {
             signer,
             material.identity().id.clone(),
         );
+        if let Some(bundles) = &config.bundles {
+            let push = crate::bundle::BundlePush::start(bundles.clone(), std::env::var_os("PATH"))?;
+            let _ = hub.bundles.set(Arc::new(push));
+        }
         Ok(Self {
             hub: Arc::new(hub),
             tls,
+            metrics_listen: config.metrics_listen,
         })
     }
 
@@ -122,6 +133,7 @@ impl Coordinator {
         let addr = listener.local_addr()?;
         let (shutdown, rx) = watch::channel(false);
         let mut server_rx = rx.clone();
+        let bundles_rx = rx.clone();
         let signal = async move {
             let _ = server_rx.wait_for(|stop| *stop).await;
         };
@@ -134,6 +146,25 @@ impl Coordinator {
                 .run()
                 .instrument(tracing::info_span!("rounds")),
         );
+        if let Some(push) = self.hub.bundles.get() {
+            tokio::spawn(
+                push.clone()
+                    .run(self.hub.clone(), bundles_rx)
+                    .instrument(tracing::info_span!("bundles")),
+            );
+        }
+        if let Some(gate) = self.hub.policy.promotion_gate.clone() {
+            if gate.evaluate_on_publish {
+                tokio::spawn(
+                    crate::gate::evaluate_published(self.hub.clone(), gate, shutdown.subscribe())
+                        .instrument(tracing::info_span!("evaluations")),
+                );
+            }
+        }
+        let metrics = match self.metrics_listen {
+            Some(at) => Some(spawn_metrics(self.hub.clone(), at, shutdown.subscribe())?),
+            None => None,
+        };
         tracing::info!(%addr, "coordinator serving");
         Ok(Running {
             addr,
@@ -141,13 +172,46 @@ impl Coordinator {
             shutdown,
             server: Some(server),
             driver: Some(driver),
+            metrics,
         })
     }
+}
+
+/// Binds `[metrics] listen` and serves `/metrics` until shutdown.
+fn spawn_metrics(
+    hub: Arc<Hub>,
+    at: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
+    let bind_err = |e: std::io::Error| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for metrics on {at} (metrics.listen): {e}"),
+        )
+    };
+    let std_listener = std::net::TcpListener::bind(at).map_err(bind_err)?;
+    std_listener.set_nonblocking(true).map_err(bind_err)?;
+    let listener = TcpListener::from_std(std_listener).map_err(bind_err)?;
+    let addr = listener.local_addr()?;
+    let signal = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let task = tokio::spawn(
+        crate::metrics::server::serve(hub, listener, signal)
+            .instrument(tracing::info_span!("metrics", %addr)),
+    );
+    tracing::info!(%addr, "metrics endpoint serving /metrics");
+    Ok((addr, task))
 }
 
 impl Running {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the metrics endpoint listens, when `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(addr, _)| *addr)
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -185,6 +249,10 @@ impl Running {
     pub async fn stop(mut self, deadline: Duration) -> Result<(), RunError> {
         let _ = self.shutdown.send(true);
         self.hub.disconnect_all();
+        if let Some((_, task)) = self.metrics.take() {
+            // It stops on the same signal; a scrape in flight is not worth waiting for.
+            task.abort();
+        }
         let server = self.server.take();
         let driver = self.driver.take();
         let aborts: Vec<_> = server

@@ -91,6 +91,10 @@ pub struct RoundRecord {
     /// this coordinator process opened or resumed it (set at close).
     #[serde(default)]
     pub bytes_sent: u64,
+    /// The plants sampled for the round (`round.sample_fraction`), in id order; empty when
+    /// every plant takes part. Kept so that a resumed round tasks the same plants.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sampled: Vec<String>,
 }
 
 /// One accepted update: its payload lives in the blob store under `delta_sha256`.
@@ -163,6 +167,34 @@ pub struct AuditEntry {
     pub actor: String,
     pub action: String,
     pub detail: String,
+    /// What kind of event it is (entries written before kinds existed read as `other`).
+    #[serde(default)]
+    pub kind: AuditKind,
+    /// The plant the event concerns: the refused plant, the revoked plant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plant: Option<String>,
+}
+
+/// The kinds of audited events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    /// A request refused (wrong role, revoked plant, bad update, refused admin action, ...).
+    Refusal,
+    Revocation,
+    Promotion,
+    Rollback,
+    /// A model version exported by an admin.
+    Export,
+    #[default]
+    Other,
+}
+
+/// Which audit entries a listing returns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuditFilter {
+    pub kind: Option<AuditKind>,
+    pub plant: Option<String>,
 }
 
 /// A [`ModelHash`] stored as its hex text.
@@ -191,6 +223,43 @@ impl RoundState {
     /// Whether the round still accepts updates.
     pub fn is_accepting(self) -> bool {
         matches!(self, RoundState::Open | RoundState::Collecting)
+    }
+}
+
+impl AuditKind {
+    pub const ALL: [AuditKind; 6] = [
+        AuditKind::Refusal,
+        AuditKind::Revocation,
+        AuditKind::Promotion,
+        AuditKind::Rollback,
+        AuditKind::Export,
+        AuditKind::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::Refusal => "refusal",
+            AuditKind::Revocation => "revocation",
+            AuditKind::Promotion => "promotion",
+            AuditKind::Rollback => "rollback",
+            AuditKind::Export => "export",
+            AuditKind::Other => "other",
+        }
+    }
+
+    /// The kind named `name` (as [`AuditKind::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl AuditFilter {
+    pub fn matches(&self, e: &AuditEntry) -> bool {
+        self.kind.is_none_or(|k| k == e.kind)
+            && self
+                .plant
+                .as_deref()
+                .is_none_or(|p| e.plant.as_deref() == Some(p))
     }
 }
 

@@ -10,7 +10,8 @@
 //! same bits.
 //!
 //! Memory grows with the model, not with the number of plants: the published model is the
-//! canonical FedAvg read from the update blobs tile by tile (`storage::DeltaFile`), and the
+//! configured strategy's (`[aggregation]`: canonical FedAvg by default, or the coordinate-wise
+//! median or trimmed mean) read from the update blobs tile by tile (`storage::DeltaFile`), and the
 //! running mean is one f64 accumulator, reused from round to round. The base model stays in
 //! memory from one round to the next instead of being read back and re-hashed.
 
@@ -18,14 +19,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedinspect_common::delta::Layout;
-use fedinspect_common::fedavg::{DeltaSource, FedAvg, Strategy, StreamingFedAvg};
+use fedinspect_common::fedavg::{DeltaSource, Strategy, StreamingFedAvg};
 use fedinspect_common::{ModelState, Tensor};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::aggregation::{self, Input};
+use crate::config::AggregationStrategy;
 use crate::error::CoreError;
-use crate::hub::{Hub, OpenRound, Preview, PreviewOutcome};
+use crate::hub::{Hub, OpenRound, Preview, PreviewCheck, PreviewOutcome};
 use crate::intake::blocking;
 use crate::records::{
     now_unix_ms, Contribution, ModelRecord, ModelStatus, RoundRecord, RoundState, TrainPlan,
@@ -148,6 +150,7 @@ impl RoundDriver {
             Ok((record, model, acc))
         })
         .await?;
+        let sampled = self.hub.draw_sample(round)?;
         let p = &self.hub.policy;
         let now = now_unix_ms();
         let deadline_ms = i64::try_from(p.deadline.as_millis()).unwrap_or(i64::MAX);
@@ -171,6 +174,7 @@ impl RoundDriver {
             failure: None,
             bytes_received: 0,
             bytes_sent: 0,
+            sampled,
         };
         self.hub.store.put_round(&record)?;
         record.state = RoundState::Collecting;
@@ -183,6 +187,7 @@ impl RoundDriver {
             Preview::new(acc),
         ));
         self.hub.set_open(open.clone())?;
+        self.hub.metrics.round_opened();
         tracing::info!(round, base = open.record.base_version, "round open");
         Ok((open, model))
     }
@@ -301,6 +306,10 @@ impl RoundDriver {
                     store_secs = p.store_secs,
                     "round published"
                 );
+                self.hub
+                    .metrics
+                    .round_published(started.elapsed().as_secs_f64());
+                self.hub.remove_old_update_blobs().await;
                 self.last = Some((p.version, p.model.clone()));
                 if let Some(open) = open {
                     self.check_preview(open, base, p).await?;
@@ -331,6 +340,20 @@ impl RoundDriver {
     ) -> Result<(), CoreError> {
         let open = open.clone();
         let round = open.record.round;
+        if self.hub.policy.aggregation != AggregationStrategy::FedAvg {
+            // The running mean previews FedAvg; a robust strategy's model is not expected to
+            // equal it, so a comparison would only report a meaningless difference.
+            let why = format!(
+                "the round was aggregated with {}; the running mean previews fedavg only",
+                self.hub.policy.aggregation
+            );
+            self.hub.set_preview_check(PreviewCheck {
+                round,
+                outcome: PreviewOutcome::Unavailable(why),
+            });
+            self.spare = open.preview.take();
+            return Ok(());
+        }
         let (check, acc) = blocking(move || {
             let check = open
                 .preview
@@ -367,6 +390,8 @@ impl RoundDriver {
         record.failure = Some(why);
         self.hub.store.put_round(&record)?;
         self.hub.store.flush().await?;
+        self.hub.metrics.round_failed();
+        self.hub.remove_old_update_blobs().await;
         Ok(())
     }
 }
@@ -382,9 +407,10 @@ fn publish(hub: &Hub, mut record: RoundRecord, base: &ModelState) -> Result<Publ
             hub.blobs.verify(&u.delta_sha256)?;
         }
     }
-    let strategy = FedAvg;
+    // The configured strategy ([aggregation]); its name goes into the version's record.
+    let strategy = aggregation::strategy_for(&hub.policy.aggregation);
     let started = std::time::Instant::now();
-    let model = average(hub, &strategy, base, &updates)?;
+    let model = average(hub, strategy.as_ref(), base, &updates)?;
     let fedavg_secs = started.elapsed().as_secs_f64();
     let metrics = aggregation::weighted_metrics(
         updates
@@ -437,7 +463,7 @@ const MAX_AGGREGATION_THREADS: usize = 4;
 /// core while the plants wait; each thread reads the blobs through its own files.
 fn average(
     hub: &Hub,
-    strategy: &FedAvg,
+    strategy: &(dyn Strategy + Sync),
     base: &ModelState,
     updates: &[UpdateRecord],
 ) -> Result<ModelState, CoreError> {

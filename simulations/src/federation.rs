@@ -25,6 +25,10 @@ const POLL: Duration = Duration::from_millis(250);
 const STARTUP: Duration = Duration::from_secs(60);
 /// Lines of a dead process's log shown in the error.
 const TAIL_LINES: usize = 15;
+/// How long plants may take to start and register.
+pub const REGISTER_WAIT: Duration = Duration::from_secs(180);
+/// How long the plants get to stop cleanly at the end of a run before they are killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
 /// How long stopping processes get before SIGKILL when a federation is dropped.
 const DROP_GRACE: Duration = Duration::from_secs(10);
 
@@ -109,6 +113,10 @@ impl Federation {
 
     pub fn plant_pid(&self, id: &str) -> Option<u32> {
         self.plants.get(id).map(Process::pid)
+    }
+
+    pub fn coordinator_pid(&self) -> u32 {
+        self.coordinator.pid()
     }
 
     /// Fails, naming the process and showing its log's end, if a process has exited.

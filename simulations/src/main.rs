@@ -1,5 +1,6 @@
 //! `simulate`: federations of plants on one machine. `quickstart` runs the coordinator and
-//! three plant clients as real processes over mutual TLS (README command one).
+//! three plant clients as real processes over mutual TLS (README command one); `run` runs an
+//! experiment file (docs/simulations.md) with its baselines, sweeps and reports.
 
 use std::path::PathBuf;
 
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 use fedinspect_common::delta::Codec;
 use fedinspect_simulations::interrupt::Interrupt;
 use fedinspect_simulations::quickstart::{self, QuickstartConfig};
+use fedinspect_simulations::simulate_run::{self, RunOptions};
 
 #[derive(Parser)]
 #[command(name = "simulate", version, about = "Simulated fedinspect federations")]
@@ -52,6 +54,19 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Runs an experiment file: per run (each combination of its [sweep]) a real federation
+    /// and the centralised and local-only baselines, with metrics, plots and report.md.
+    Run {
+        /// The experiment file (see simulations/experiments/ and docs/simulations.md).
+        experiment: PathBuf,
+        /// DeepPCB PCBData folder (holds trainval.txt and test.txt); replaces the file's
+        /// data.path. Without it and without data.path, synthetic plants are generated.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Output folder [default: .fedinspect/experiments/<experiment name>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -91,6 +106,19 @@ fn run(cli: Cli) -> Result<()> {
             };
             let interrupt = Interrupt::on_signals()?;
             quickstart::run(&cfg, interrupt)?;
+        }
+        Command::Run {
+            experiment,
+            data,
+            out,
+        } => {
+            let opts = RunOptions {
+                experiment,
+                data,
+                out,
+                binaries: None,
+            };
+            simulate_run::run(&opts, Interrupt::on_signals()?)?;
         }
     }
     Ok(())

@@ -6,7 +6,6 @@
 //! service, checks its signature, evaluates it on the test split and prints the per-round
 //! table. At the end (or on failure, or Ctrl-C) the processes are stopped.
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,28 +15,23 @@ use fedinspect_client::data::deeppcb::{self, DeepPcbOptions, Split};
 use fedinspect_client::detector::auto_device;
 use fedinspect_common::arch::ArchConfig;
 use fedinspect_common::delta::Codec;
-use fedinspect_common::manifests;
+use fedinspect_common::fsutil;
 use fedinspect_common::signing::VerifyingKey;
-use fedinspect_common::{fsutil, ModelHash, ModelState};
-use fedinspect_coordinator::rpc::admin_client::{ModelView, RoundDetailView};
 
 use crate::evaluation::TestSet;
 use crate::evaluator::Evaluator;
-use crate::federation::Federation;
+use crate::federation::{Federation, REGISTER_WAIT, STOP_GRACE};
 use crate::interrupt::Interrupt;
 use crate::processes::{describe, Binaries};
-use crate::report::{human_bytes, render_table, RoundRow, FOOTNOTES};
+use crate::progress::{round_watcher, Clock};
+use crate::report::{render_table, RoundRow, FOOTNOTES};
 use crate::site::{PlantSpec, RoundSpec, Site, SiteSpec};
 use crate::synthetic;
+use crate::versions::export_version;
 
 /// DeepPCB board groups used as the three plants when real data is given: distinct boards,
 /// 200, 198 and 111 training pairs.
 pub const DEEPPCB_PLANTS: [&str; 3] = ["group00041", "group13000", "group92000"];
-/// How long the plants get to stop cleanly at the end before they are killed.
-const STOP_GRACE: Duration = Duration::from_secs(30);
-/// How long plants may take to start and register.
-const REGISTER_WAIT: Duration = Duration::from_secs(180);
-
 /// What the quickstart does; the defaults run in about ten minutes on two CPU cores.
 #[derive(Clone, Debug)]
 pub struct QuickstartConfig {
@@ -170,10 +164,11 @@ pub fn run(cfg: &QuickstartConfig, interrupt: Interrupt) -> Result<Vec<RoundRow>
     export_version(&mut fed, 1, &models_dir, &pinned)?;
 
     // Each version is evaluated while the plants train the next round.
+    let clock = Clock::start();
     let mut evaluator = Evaluator::start(test, arch, device, cfg.threads, interrupt)?;
     let round_wait = Duration::from_secs(cfg.deadline_secs + 120);
     for round in 1..=u64::from(cfg.rounds) {
-        let detail = fed.wait_for_round(round, round_wait, &mut progress_printer(round))?;
+        let detail = fed.wait_for_round(round, round_wait, &mut round_watcher(round, &clock))?;
         let model = if detail.round.state == "published" {
             let version = detail.round.published_version;
             println!("round {round}: version {version} published; evaluating it on the test split");
@@ -207,85 +202,6 @@ pub fn run(cfg: &QuickstartConfig, interrupt: Interrupt) -> Result<Vec<RoundRow>
         run_dir.display()
     );
     Ok(rows)
-}
-
-/// Prints a round's opening and each update as the coordinator accepts it.
-fn progress_printer(round: u64) -> impl FnMut(&RoundDetailView) {
-    let mut opened = false;
-    let mut shown = BTreeSet::new();
-    move |d: &RoundDetailView| {
-        if !opened {
-            println!(
-                "round {round} open on version {}: plants downloading and training",
-                d.round.base_version
-            );
-            opened = true;
-        }
-        // Updates are listed in plant-id order, not in the order they arrived.
-        for u in &d.updates {
-            if !shown.insert(u.update_id.clone()) {
-                continue;
-            }
-            let local = match (
-                u.metrics.get("local_map50_before"),
-                u.metrics.get("local_map50_after"),
-            ) {
-                (Some(b), Some(a)) => format!(", local mAP@0.5 {b:.3} -> {a:.3}"),
-                _ => String::new(),
-            };
-            println!(
-                "  round {round}: {} delivered {} ({} samples, trained {:.1} s{local})",
-                u.plant_id,
-                human_bytes(u.payload_bytes),
-                u.num_samples,
-                u.metrics.get("train_seconds").copied().unwrap_or(0.0),
-            );
-        }
-    }
-}
-
-/// Exports `version` into `dir` as `vNNNN.safetensors` with its metadata as `vNNNN.json`,
-/// and checks it: content hash as recorded, coordinator signature with the pinned key.
-fn export_version(
-    fed: &mut Federation,
-    version: u64,
-    dir: &Path,
-    pinned: &VerifyingKey,
-) -> Result<ModelState> {
-    let path = dir.join(format!("v{version:04}.safetensors"));
-    fed.export_model(version, &path)?;
-    let info: ModelView = fed
-        .models()?
-        .into_iter()
-        .find(|m| m.version == version)
-        .with_context(|| format!("version {version} is not listed by the coordinator"))?;
-    let (model, _) = ModelState::load_safetensors(&path)?;
-    let hash = model.content_hash();
-    if hash.to_hex() != info.content_hash {
-        bail!(
-            "exported version {version} has content hash {} but the coordinator recorded {}",
-            hash.to_hex(),
-            info.content_hash
-        );
-    }
-    verify_signature(pinned, version, &hash, &info.signature)?;
-    fsutil::write_bytes_atomic(
-        &dir.join(format!("v{version:04}.json")),
-        &serde_json::to_vec_pretty(&info)?,
-    )?;
-    Ok(model)
-}
-
-fn verify_signature(
-    key: &VerifyingKey,
-    version: u64,
-    hash: &ModelHash,
-    hex_sig: &str,
-) -> Result<()> {
-    let sig = hex::decode(hex_sig).context("the version's signature is not hex")?;
-    manifests::verify_model(key, version, hash, &sig).with_context(|| {
-        format!("version {version}'s signature does not verify with the coordinator's public key")
-    })
 }
 
 fn site_spec(cfg: &QuickstartConfig, out: &Path, data: &DataPlan) -> SiteSpec {
@@ -328,6 +244,7 @@ fn site_spec(cfg: &QuickstartConfig, out: &Path, data: &DataPlan) -> SiteSpec {
         plant_threads: cfg.plant_threads,
         warmup_steps: 20,
         seed: cfg.seed,
+        coordinator_extra: Vec::new(),
     }
 }
 

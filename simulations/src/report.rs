@@ -27,6 +27,12 @@ pub struct RoundRow {
     pub seconds: f64,
     /// The slowest participant's training time, as it reported it.
     pub train_seconds: f64,
+    /// The slowest participant's base model fetch (cache or download), as it reported it.
+    pub download_seconds: f64,
+    /// The slowest participant's local evaluation (before and after training).
+    pub local_eval_seconds: f64,
+    /// The slowest participant's delta computation and encoding.
+    pub encode_seconds: f64,
     /// From the round's close to its version being stored (FedAvg, signing, storing).
     pub aggregate_seconds: f64,
     /// This program's evaluation of the version on the test split.
@@ -42,8 +48,9 @@ pub const FOOTNOTES: &str = "\
 bytes up / down: measured by the coordinator: the encoded deltas it accepted in the round \
 (payload bytes, each checked against its SHA-256) and the model bytes it streamed to plants \
 while the round was open (gRPC and TLS framing not included). seconds: the round from its \
-opening to its version being stored, by the coordinator's clock; train s: the slowest plant's \
-training as it reported it; aggregate s: close to stored version (FedAvg, signing, storage); \
+opening to its version being stored, by the coordinator's clock; download s, train s, local \
+eval s, encode s: the slowest plant's base model fetch, training, evaluation on its own \
+holdout (before and after) and delta encoding, as it reported them; aggregate s: close to stored version (FedAvg, signing, storage); \
 eval s: this program's evaluation on the test split, which overlaps the next round.";
 
 impl RoundRow {
@@ -67,6 +74,13 @@ impl RoundRow {
         } else {
             detail.closed_unix_ms
         };
+        let slowest = |metric: &str| {
+            detail
+                .updates
+                .iter()
+                .filter_map(|u| u.metrics.get(metric).copied())
+                .fold(0.0, f64::max)
+        };
         RoundRow {
             round: r.round,
             version: published.then_some(r.published_version),
@@ -76,11 +90,10 @@ impl RoundRow {
             bytes_up: detail.bytes_received,
             bytes_down: detail.bytes_sent,
             seconds: ms(detail.opened_unix_ms, end),
-            train_seconds: detail
-                .updates
-                .iter()
-                .filter_map(|u| u.metrics.get("train_seconds").copied())
-                .fold(0.0, f64::max),
+            train_seconds: slowest("train_seconds"),
+            download_seconds: slowest("download_seconds"),
+            local_eval_seconds: slowest("eval_seconds"),
+            encode_seconds: slowest("encode_seconds"),
             aggregate_seconds: if published {
                 ms(detail.closed_unix_ms, detail.published_unix_ms)
             } else {
@@ -98,18 +111,18 @@ pub fn render_table(rows: &[RoundRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| round | version | participants | map_33 | map_50 | bytes up | bytes down | seconds | train s | aggregate s | eval s |"
+        "| round | version | participants | map_33 | map_50 | bytes up | bytes down | seconds | download s | train s | local eval s | encode s | aggregate s | eval s |"
     );
     let _ = writeln!(
         s,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let opt =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} |",
             r.round,
             r.version.map_or("failed".to_string(), |v| v.to_string()),
             r.participants,
@@ -118,7 +131,10 @@ pub fn render_table(rows: &[RoundRow]) -> String {
             human_bytes(r.bytes_up),
             human_bytes(r.bytes_down),
             r.seconds,
+            r.download_seconds,
             r.train_seconds,
+            r.local_eval_seconds,
+            r.encode_seconds,
             r.aggregate_seconds,
             opt(r.eval_seconds, 1),
         );

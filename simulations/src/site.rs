@@ -27,6 +27,8 @@ use fedinspect_common::fsutil;
 use fedinspect_common::pki::{self, InitOptions, PkiLayout};
 use toml::{Table, Value};
 
+use crate::coordinator_support::ConfigEntry;
+
 /// Folders of an earlier run that a new run replaces.
 const RUN_FOLDERS: [&str; 4] = ["coordinator", "plants", "logs", "models"];
 
@@ -76,6 +78,9 @@ pub struct SiteSpec {
     pub warmup_steps: u64,
     /// Seeds the initial model.
     pub seed: u64,
+    /// Further `coordinator.toml` settings (knobs only some coordinators have, see
+    /// [`crate::coordinator_support`]).
+    pub coordinator_extra: Vec<ConfigEntry>,
 }
 
 /// A site's files, written.
@@ -228,7 +233,7 @@ impl Site {
         if let Some(block) = q8_block {
             round.insert("q8_block".into(), int(block));
         }
-        table([
+        let mut config = table([
             ("listen", text(&self.listen.to_string())),
             ("data_dir", text("data")),
             ("signing_key", path(&self.pki.coordinator_signing_key())),
@@ -241,7 +246,16 @@ impl Site {
                 ])),
             ),
             ("round", Value::Table(round)),
-        ])
+        ]);
+        for e in &self.spec.coordinator_extra {
+            if let Value::Table(t) = config
+                .entry(e.table)
+                .or_insert_with(|| Value::Table(Table::new()))
+            {
+                t.insert(e.key.to_string(), e.value.clone());
+            }
+        }
+        config
     }
 
     fn plant_toml(&self, p: &PlantSpec, address: &str) -> Table {

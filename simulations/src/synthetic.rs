@@ -174,10 +174,24 @@ pub fn write_default_dataset(
     alpha: f64,
     seed: u64,
 ) -> io::Result<PathBuf> {
+    let counts = vec![(train, test); plants as usize];
+    write_dataset(root, &counts, size, alpha, seed)
+}
+
+/// Like [`write_default_dataset`] with plant p holding `counts[p]` = (training, test) boards;
+/// plant p's boards are board group `group{90000 + p}`.
+pub fn write_dataset(
+    root: &Path,
+    counts: &[(usize, usize)],
+    size: u32,
+    alpha: f64,
+    seed: u64,
+) -> io::Result<PathBuf> {
     fs::create_dir_all(root)?;
     let mut trainval = String::new();
     let mut test_lines = String::new();
-    for p in 0..plants {
+    for (p, &(train, test)) in counts.iter().enumerate() {
+        let p = p as u32;
         let style = PlantStyle::sample(seed.wrapping_add(p as u64), alpha);
         let lines = write_plant(root, p, train + test, size, &style, seed)?;
         for (i, l) in lines.iter().enumerate() {
@@ -193,6 +207,18 @@ pub fn write_default_dataset(
     fs::write(root.join("trainval.txt"), trainval)?;
     fs::write(root.join("test.txt"), test_lines)?;
     Ok(root.to_path_buf())
+}
+
+/// Boards per plant with a size skew: plant p gets a share proportional to
+/// (p + 1)^-`skew` of `plants` x `per_plant` boards, at least `min` (0 skew: `per_plant` each).
+pub fn skewed_counts(plants: u32, per_plant: usize, skew: f64, min: usize) -> Vec<usize> {
+    let weights: Vec<f64> = (0..plants).map(|p| f64::from(p + 1).powf(-skew)).collect();
+    let total: f64 = weights.iter().sum();
+    let boards = per_plant as f64 * f64::from(plants);
+    weights
+        .iter()
+        .map(|w| ((boards * w / total).round() as usize).max(min))
+        .collect()
 }
 
 fn save_gray(path: &Path, pixels: &[u8], size: u32) -> io::Result<()> {
@@ -503,6 +529,16 @@ mod tests {
         assert!(max(&peaked.class_mix) > 0.8, "{:?}", peaked.class_mix);
         assert!(max(&flat.class_mix) < 0.35, "{:?}", flat.class_mix);
         assert!((flat.class_mix.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn skewed_counts_follow_a_power_law() {
+        assert_eq!(skewed_counts(3, 10, 0.0, 2), vec![10, 10, 10]);
+        let c = skewed_counts(4, 100, 1.0, 2);
+        assert!(c.windows(2).all(|w| w[0] > w[1]), "{c:?}");
+        assert!((c.iter().sum::<usize>() as i64 - 400).abs() <= 2, "{c:?}");
+        assert_eq!(c[0], 2 * c[1]);
+        assert!(skewed_counts(8, 4, 3.0, 2).iter().all(|&n| n >= 2));
     }
 
     #[test]

@@ -46,6 +46,11 @@ fn quickstart_runs_processes_reports_each_round_and_reruns_in_place() {
         assert!(r.bytes_up > 0 && r.bytes_down > r.bytes_up, "{r:?}");
         assert!((0.0..=1.0).contains(&r.map_33.unwrap()), "{r:?}");
         assert!(r.seconds > 0.0 && r.train_seconds > 0.0, "{r:?}");
+        // The plants report their time split (the slowest plant's part of each, each within
+        // the round).
+        for part in [r.download_seconds, r.encode_seconds] {
+            assert!(part > 0.0 && part < r.seconds, "{r:?}");
+        }
     }
     let v3 = ModelState::load_safetensors(&out.join("models/v0003.safetensors"))
         .unwrap()

@@ -18,6 +18,8 @@ pub enum BuildError {
     Arch(#[from] ArchError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("cannot open the installed bundles: {0}")]
+    Bundles(#[from] crate::bundle::InstallError),
 }
 
 #[derive(Debug, thiserror::Error)]

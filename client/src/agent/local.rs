@@ -80,10 +80,15 @@ pub struct Job {
 /// A trained, encoded update.
 pub struct Trained {
     pub payload: Vec<u8>,
+    /// SHA-256 of `payload`, from the encoding pass.
+    pub payload_sha256: [u8; 32],
     /// The residual once this payload is delivered.
     pub residual: ModelState,
     pub metrics: BTreeMap<String, f64>,
     pub report: TrainReport,
+    /// Activation ranges of the trained model on this plant's images (INT8 calibration);
+    /// empty when they could not be measured.
+    pub calibration: fedinspect_common::onnx::ActivationRanges,
 }
 
 pub enum Outcome {
@@ -237,8 +242,11 @@ pub fn run(job: Job) -> Result<Outcome, LocalError> {
         job.device,
     )?;
     let mut metrics = BTreeMap::new();
+    let mut eval_seconds = 0.0;
     if let Some(h) = &job.holdout {
+        let started = Instant::now();
         metrics.insert("local_map50_before".to_string(), map50(&det, h)?);
+        eval_seconds += started.elapsed().as_secs_f64();
     }
     let cancel = job.cancel.clone();
     let stop_at = job.stop_at;
@@ -266,8 +274,11 @@ pub fn run(job: Job) -> Result<Outcome, LocalError> {
         );
     }
     if let Some(h) = &job.holdout {
+        let started = Instant::now();
         metrics.insert("local_map50_after".to_string(), map50(&det, h)?);
+        eval_seconds += started.elapsed().as_secs_f64();
     }
+    metrics.insert("eval_seconds".to_string(), eval_seconds);
     metrics.insert("train_loss".to_string(), report.last_loss);
     metrics.insert("train_seconds".to_string(), report.seconds);
     metrics.insert("train_steps".to_string(), report.steps as f64);
@@ -275,6 +286,22 @@ pub fn run(job: Job) -> Result<Outcome, LocalError> {
     metrics.retain(|_, v| v.is_finite());
 
     let local = det.state()?;
+    let calibrating = Instant::now();
+    let calibration = super::calibration::measure(
+        &det,
+        &local,
+        &job.loader,
+        super::calibration::CALIBRATION_BATCHES,
+    )
+    .unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot measure calibration ranges; none are sent this round");
+        Default::default()
+    });
+    metrics.insert(
+        "calibration_seconds".to_string(),
+        calibrating.elapsed().as_secs_f64(),
+    );
+    let encoding = Instant::now();
     let mut to_send = delta::compute_delta(&local, &job.base)?;
     if let Some(residual) = &job.residual {
         to_send = delta::apply_delta(&to_send, residual)?;
@@ -282,12 +309,18 @@ pub fn run(job: Job) -> Result<Outcome, LocalError> {
     let received = delta::roundtrip(job.codec, &to_send)?;
     let residual = delta::compute_delta(&to_send, &received)?;
     let mut payload = Vec::new();
-    delta::encode(&to_send, job.codec, &mut payload)?;
+    let (_, payload_sha256) = delta::encode_with_sha256(&to_send, job.codec, &mut payload)?;
+    metrics.insert(
+        "encode_seconds".to_string(),
+        encoding.elapsed().as_secs_f64(),
+    );
     Ok(Outcome::Trained(Box::new(Trained {
         payload,
+        payload_sha256,
         residual,
         metrics,
         report,
+        calibration,
     })))
 }
 

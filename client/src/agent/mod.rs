@@ -12,10 +12,17 @@
 //! Shutdown (the watch channel turns true) is honoured between training steps, while waiting
 //! for a task, and during transfers (a pending update then waits for the next start).
 //!
+//! After an update is acknowledged, the activation ranges of the trained model on the plant's
+//! images (`calibration`, INT8 calibration) are sent; only numbers. An install task (a signed
+//! inference bundle after a promotion or rollback) is carried out by `bundle_task`: download,
+//! verify and install atomically, report.
+//!
 //! Reading order: `types`, `error`, `rpc` (the only module that knows protobuf), `state`,
-//! `local`, `capabilities`, `backoff`, then this file.
+//! `local`, `capabilities`, `backoff`, `bundle_task`, then this file.
 
 mod backoff;
+pub mod bundle_task;
+mod calibration;
 mod capabilities;
 mod error;
 pub mod local;
@@ -67,6 +74,8 @@ pub struct Agent {
     events: Option<mpsc::UnboundedSender<Event>>,
     /// Newest round whose update the coordinator acknowledged in this process.
     delivered_round: Option<u64>,
+    /// Installed inference bundles and the engine builder (install tasks).
+    bundles: bundle_task::BundleSide,
 }
 
 impl Agent {
@@ -88,6 +97,11 @@ impl Agent {
         arch.graph()?;
         let state = StateDir::open(&config.state_dir)?;
         let capabilities = capabilities::probe(device, &data);
+        let bundles = bundle_task::BundleSide::open(
+            &config.state_dir,
+            config.coordinator.public_key,
+            &capabilities.compute_capability,
+        )?;
         tracing::info!(
             plant = %config.plant_id,
             device = %capabilities.device,
@@ -105,6 +119,7 @@ impl Agent {
             faults: Faults::default(),
             events: None,
             delivered_round: None,
+            bundles,
         })
     }
 
@@ -204,6 +219,18 @@ impl Agent {
                     );
                     continue;
                 }
+                Some(Task::InstallBundle(t)) => {
+                    let span =
+                        tracing::info_span!("install", bundle = %t.bundle_id, canary = t.canary);
+                    match self
+                        .install_bundle(&mut conn, t, shutdown)
+                        .instrument(span)
+                        .await?
+                    {
+                        Step::Done => continue,
+                        Step::Shutdown => return Ok(SessionEnd::Shutdown),
+                    }
+                }
                 Some(Task::Train(t)) => t,
             };
             let round = task.round;
@@ -272,12 +299,19 @@ impl Agent {
             version: task.base_version,
             reason: format!("its signature does not verify with the pinned coordinator key ({e})"),
         })?;
+        let fetching = Instant::now();
         let Some(base) = self.base_model(conn, &task, shutdown).await? else {
             return Ok(Step::Shutdown);
         };
-        let Some(trained) = self.train(&task, base, stop_at, shutdown).await? else {
+        // From the cache or over the network: the round's time split shows which.
+        let download_seconds = fetching.elapsed().as_secs_f64();
+        let Some(mut trained) = self.train(&task, base, stop_at, shutdown).await? else {
             return Ok(Step::Shutdown);
         };
+        trained
+            .metrics
+            .insert("download_seconds".to_string(), download_seconds);
+        let calibration = std::mem::take(&mut trained.calibration);
         let header = self.signed_header(&task, &trained)?;
         let pending = Pending {
             header,
@@ -285,7 +319,18 @@ impl Agent {
         };
         // Saved before the first byte goes out: a retry reuses this update id.
         self.state.save_pending(&pending, &trained.residual)?;
-        self.deliver(conn, pending, shutdown).await
+        let step = self.deliver(conn, pending, shutdown).await?;
+        if self.delivered_round == Some(task.round) && !calibration.is_empty() {
+            // Only numbers leave the plant; a coordinator without bundles does not want them.
+            match conn.report_calibration(task.round, &calibration).await {
+                Ok(()) => tracing::info!(points = calibration.len(), "calibration ranges sent"),
+                Err(e) if e.code() == Some(tonic::Code::Unimplemented) => {
+                    tracing::debug!(error = %e, "the coordinator takes no calibration ranges")
+                }
+                Err(e) => tracing::warn!(error = %e, "calibration ranges not sent"),
+            }
+        }
+        Ok(step)
     }
 
     /// When training must stop to leave `deadline_margin` for the upload.
@@ -407,7 +452,6 @@ impl Agent {
 
     /// The update's header with a fresh update id, signed with the plant's key.
     fn signed_header(&self, task: &TrainTask, t: &Trained) -> Result<UpdateHeader, AgentError> {
-        let digest = rpc::sha256(&t.payload);
         let mut header = UpdateHeader {
             update_id: rand::random(),
             round: task.round,
@@ -416,7 +460,7 @@ impl Agent {
             codec: task.plan.codec,
             num_samples: self.data.num_samples(),
             payload_bytes: t.payload.len() as u64,
-            payload_sha256: digest.try_into().expect("SHA-256 has 32 bytes"),
+            payload_sha256: t.payload_sha256,
             plant_signature: Vec::new(),
             metrics: t.metrics.clone(),
         };

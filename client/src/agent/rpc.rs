@@ -1,7 +1,9 @@
-//! The agent's gRPC edge: one mutual-TLS connection to the coordinator and the four calls a
-//! plant makes on it. Only this module and its `from_proto` / `to_proto` children know
-//! protobuf; every message becomes a domain type (or an [`RpcError`]) here.
+//! The agent's gRPC edge: one mutual-TLS connection to the coordinator and the calls a
+//! plant makes on it (bundle downloads and install reports in `bundle`). Only this module and
+//! its `bundle`, `from_proto` and `to_proto` children know protobuf; every message becomes a
+//! domain type (or an [`RpcError`]) here.
 
+mod bundle;
 mod from_proto;
 mod to_proto;
 
@@ -15,6 +17,8 @@ use fedinspect_proto::v1::federation_client::FederationClient;
 use fedinspect_proto::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Status, Streaming};
+
+pub use bundle::DownloadError;
 
 use super::types::{Capabilities, Registration, Task, UpdateHeader, UploadAck};
 use crate::config::CoordinatorConfig;

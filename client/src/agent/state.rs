@@ -10,6 +10,9 @@
 //!                                     of the deltas already delivered
 //!   residual.next.safetensors         the residual after the pending update, made current
 //!                                     once the coordinator acknowledges that update
+//!   bundles/                          installed inference bundles (`crate::bundle`)
+//!   bundle-downloads/<id>.tar         a bundle archive between download and install
+//!   engine-cache/                     TensorRT engines built here (`bundle::local_engines`)
 //! ```
 //!
 //! A pending update survives restarts and broken connections: it is sent again with the same

@@ -32,11 +32,32 @@ pub struct TrainPlan {
     pub batch_size: u32,
 }
 
+/// Install a signed inference bundle (see `agent::bundle_task`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstallBundleTask {
+    pub bundle_id: String,
+    pub model_version: u64,
+    /// Hex SHA-256 of the bundle's manifest.json; a bundle with another manifest is refused.
+    pub manifest_sha256: String,
+    /// This plant installs it before the others.
+    pub canary: bool,
+}
+
+/// What a plant reports about an install task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstallOutcome {
+    pub bundle_id: String,
+    pub ok: bool,
+    pub message: String,
+    pub engine_built_locally: bool,
+}
+
 /// An instruction on the task stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Task {
     Train(TrainTask),
-    /// A task kind this agent does not carry out yet (bundle installs, waits).
+    InstallBundle(InstallBundleTask),
+    /// A task kind this agent does not carry out yet (waits).
     Other(&'static str),
 }
 
@@ -153,4 +174,6 @@ pub enum Event {
     Disconnected {
         reason: String,
     },
+    /// An install task ended: installed (`ok`) or refused, with what was reported.
+    BundleInstall(InstallOutcome),
 }

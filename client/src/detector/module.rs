@@ -52,6 +52,8 @@ enum Step {
         mean: Tensor,
         var: Tensor,
     },
+    /// A BatchNorm folded into the convolution before it ([`GraphModule::folded`]).
+    PassOn,
     Silu,
     Relu,
     Sigmoid,
@@ -245,6 +247,7 @@ impl GraphModule {
                     BN_EPS,
                     true,
                 )?,
+                Step::PassOn => arg(0)?.shallow_clone(),
                 Step::Silu => arg(0)?.f_silu()?,
                 Step::Relu => arg(0)?.f_relu()?,
                 Step::Sigmoid => arg(0)?.f_sigmoid()?,
@@ -292,6 +295,134 @@ impl GraphModule {
                     .f_contiguous()
             })
             .collect()
+    }
+}
+
+impl GraphModule {
+    /// An inference-only copy with every BatchNorm that reads a convolution (its only reader)
+    /// folded into that convolution: `w' = w * g / sqrt(v + eps)` per output channel and
+    /// `b' = (b - m) * g / sqrt(v + eps) + beta`, the BatchNorm node passing its input on. One
+    /// memory pass less per convolution. The folded weights are a snapshot of the variables now:
+    /// rebuild it after they change. Other steps share the variables' tensors.
+    pub fn folded(&self) -> Result<Self, TchError> {
+        let _guard = tch::no_grad_guard();
+        let mut readers = vec![0usize; self.nodes.len()];
+        for n in &self.nodes {
+            for &j in &n.inputs {
+                readers[j] += 1;
+            }
+        }
+        for &j in &self.outputs {
+            readers[j] += 1;
+        }
+        // conv node index -> the BatchNorm node folded into it
+        let mut fold_into: HashMap<usize, usize> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let (Step::BatchNorm { .. }, [j]) = (&n.step, n.inputs.as_slice()) {
+                if matches!(self.nodes[*j].step, Step::Conv { .. }) && readers[*j] == 1 {
+                    fold_into.insert(*j, i);
+                }
+            }
+        }
+        let folded_bns: Vec<usize> = fold_into.values().copied().collect();
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        for (i, n) in self.nodes.iter().enumerate() {
+            let step = match (&n.step, fold_into.get(&i)) {
+                (
+                    Step::Conv {
+                        weight,
+                        bias,
+                        stride,
+                        padding,
+                    },
+                    Some(&bn),
+                ) => {
+                    let Step::BatchNorm {
+                        weight: gamma,
+                        bias: beta,
+                        mean,
+                        var,
+                    } = &self.nodes[bn].step
+                    else {
+                        unreachable!("fold_into holds BatchNorm nodes only")
+                    };
+                    let scale = gamma.f_div(&var.f_add_scalar(BN_EPS)?.f_sqrt()?)?;
+                    let out_channels = weight.size()[0];
+                    let w = weight.f_mul(&scale.f_view([out_channels, 1, 1, 1])?)?;
+                    let b = match bias {
+                        Some(b) => b.f_sub(mean)?,
+                        None => mean.f_neg()?,
+                    }
+                    .f_mul(&scale)?
+                    .f_add(beta)?;
+                    Step::Conv {
+                        weight: w.f_detach_copy()?,
+                        bias: Some(b.f_detach_copy()?),
+                        stride: *stride,
+                        padding: *padding,
+                    }
+                }
+                (Step::BatchNorm { .. }, _) if folded_bns.contains(&i) => Step::PassOn,
+                (step, _) => step.shallow_clone(),
+            };
+            nodes.push(Compiled {
+                step,
+                inputs: n.inputs.clone(),
+                frees: n.frees.clone(),
+            });
+        }
+        Ok(Self {
+            nodes,
+            outputs: self.outputs.clone(),
+        })
+    }
+}
+
+impl Step {
+    /// The same step sharing this one's tensors.
+    fn shallow_clone(&self) -> Step {
+        match self {
+            Step::Input => Step::Input,
+            Step::Conv {
+                weight,
+                bias,
+                stride,
+                padding,
+            } => Step::Conv {
+                weight: weight.shallow_clone(),
+                bias: bias.as_ref().map(Tensor::shallow_clone),
+                stride: *stride,
+                padding: *padding,
+            },
+            Step::BatchNorm {
+                weight,
+                bias,
+                mean,
+                var,
+            } => Step::BatchNorm {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+                mean: mean.shallow_clone(),
+                var: var.shallow_clone(),
+            },
+            Step::PassOn => Step::PassOn,
+            Step::Silu => Step::Silu,
+            Step::Relu => Step::Relu,
+            Step::Sigmoid => Step::Sigmoid,
+            Step::Add => Step::Add,
+            Step::Concat => Step::Concat,
+            Step::Upsample2x => Step::Upsample2x,
+            Step::MaxPool { kernel, stride } => Step::MaxPool {
+                kernel: *kernel,
+                stride: *stride,
+            },
+            Step::FlattenSpatial => Step::FlattenSpatial,
+            Step::Transpose => Step::Transpose,
+            Step::MatMul => Step::MatMul,
+            Step::Scale(f) => Step::Scale(*f),
+            Step::Softmax => Step::Softmax,
+            Step::ReshapeLike => Step::ReshapeLike,
+        }
     }
 }
 
@@ -382,6 +513,55 @@ mod tests {
         let w = vs.root().sub("head").sub("heatmap").get("weight").unwrap();
         assert_eq!(w.kind(), Kind::Float);
         assert!(w.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn folded_batchnorm_gives_the_same_outputs_with_fewer_steps() {
+        tch::set_num_threads(1);
+        let cfg = ArchConfig {
+            width: 0.25,
+            ..ArchConfig::default()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = GraphModule::new(&vs.root(), &cfg.graph().unwrap()).unwrap();
+        // Statistics and affine parameters far from their initial 0/1, as after training.
+        tch::no_grad(|| {
+            for (name, mut t) in vs.variables() {
+                let fill = match name.rsplit('.').next() {
+                    Some("running_mean") | Some("bias") => t.rand_like() - 0.5,
+                    Some("running_var") => t.rand_like() * 2.0 + 0.1,
+                    Some("weight") if t.dim() == 1 => t.rand_like() + 0.5,
+                    _ => continue,
+                };
+                t.copy_(&fill);
+            }
+        });
+        let folded = m.folded().unwrap();
+        let passes = folded
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.step, Step::PassOn))
+            .count();
+        let bns = m
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.step, Step::BatchNorm { .. }))
+            .count();
+        assert!(
+            passes > 0 && passes == bns,
+            "{passes} of {bns} BatchNorms folded"
+        );
+        let x = Tensor::rand([2, 2, 64, 64], (Kind::Float, Device::Cpu));
+        let want = tch::no_grad(|| m.forward(&x, false)).unwrap();
+        let got = tch::no_grad(|| folded.forward(&x, false)).unwrap();
+        for (w, g) in want.iter().zip(&got) {
+            let scale = w.abs().max().double_value(&[]).max(1.0);
+            let diff = (w - g).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-4 * scale,
+                "folded output off by {diff} (scale {scale})"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The streaming delta decoder: checks a stream's header against the base layout, hands the
 //! decoded values to a [`DeltaSink`] chunk by chunk, then verifies the trailing SHA-256.
+//! [`decode_prehashed`] takes the body's SHA-256 from a reader that hashed the bytes already
+//! (the coordinator hashes every upload for its blob address), so each byte is hashed once.
 
 use std::io::{BufReader, ErrorKind, Read};
 
@@ -44,7 +46,50 @@ pub fn decode<R: Read, S: DeltaSink + ?Sized>(
     expected: Option<Codec>,
     sink: &mut S,
 ) -> Result<Codec, DeltaError> {
-    let mut src = Source::new(reader);
+    decode_with(Source::new(reader, true), base, expected, sink, |_, _| None)
+}
+
+/// A reader that hashes what it yields as it goes, so that [`decode_prehashed`] need not hash
+/// the stream a second time.
+pub trait PrehashedRead: Read {
+    /// SHA-256 of the first `len` bytes this reader has yielded, or `None` if it did not
+    /// keep the hash state at exactly that length.
+    fn sha256_of_first(&self, len: u64) -> Option<[u8; 32]>;
+}
+
+impl<T: PrehashedRead + ?Sized> PrehashedRead for &mut T {
+    fn sha256_of_first(&self, len: u64) -> Option<[u8; 32]> {
+        (**self).sha256_of_first(len)
+    }
+}
+
+/// [`decode`] without hashing: the trailing checksum is compared with
+/// `reader.sha256_of_first(body length)`, asked once the checksum has been read. Every other
+/// check is the same. A reader that has no digest for that length fails the decode with
+/// [`DeltaError::Io`].
+pub fn decode_prehashed<R: PrehashedRead, S: DeltaSink + ?Sized>(
+    reader: R,
+    base: &Layout,
+    expected: Option<Codec>,
+    sink: &mut S,
+) -> Result<Codec, DeltaError> {
+    decode_with(
+        Source::new(reader, false),
+        base,
+        expected,
+        sink,
+        |r, len| r.sha256_of_first(len),
+    )
+}
+
+/// The decoder proper; `body_digest` gives the body's SHA-256 when `src` does not hash.
+fn decode_with<R: Read, S: DeltaSink + ?Sized>(
+    mut src: Source<R>,
+    base: &Layout,
+    expected: Option<Codec>,
+    sink: &mut S,
+    body_digest: impl FnOnce(&R, u64) -> Option<[u8; 32]>,
+) -> Result<Codec, DeltaError> {
     let codec = read_codec(&mut src, expected)?;
     src.expected = encoded_len(base, codec);
     let count = u32::from_le_bytes(src.array()?);
@@ -76,7 +121,7 @@ pub fn decode<R: Read, S: DeltaSink + ?Sized>(
             offset += n;
         }
     }
-    src.finish()?;
+    src.finish(body_digest)?;
     Ok(codec)
 }
 
@@ -186,10 +231,12 @@ fn read_tensor_header<R: Read>(
     Ok(())
 }
 
-/// Reads exact byte counts, hashing them and reporting a short stream as truncated.
+/// Reads exact byte counts, hashing them (unless the reader does) and reporting a short
+/// stream as truncated.
 struct Source<R: Read> {
     inner: BufReader<R>,
-    hash: digest::Context,
+    /// `None` when the reader hashes (see [`PrehashedRead`]).
+    hash: Option<digest::Context>,
     /// Bytes consumed so far.
     pos: u64,
     /// The stream's full length once the codec is known, else 0.
@@ -197,10 +244,10 @@ struct Source<R: Read> {
 }
 
 impl<R: Read> Source<R> {
-    fn new(inner: R) -> Self {
+    fn new(inner: R, hash: bool) -> Self {
         Self {
             inner: BufReader::with_capacity(1 << 13, inner),
-            hash: digest::Context::new(&digest::SHA256),
+            hash: hash.then(|| digest::Context::new(&digest::SHA256)),
             pos: 0,
             expected: 0,
         }
@@ -208,7 +255,9 @@ impl<R: Read> Source<R> {
 
     fn read(&mut self, buf: &mut [u8]) -> Result<(), DeltaError> {
         self.read_unhashed(buf)?;
-        self.hash.update(buf);
+        if let Some(hash) = self.hash.as_mut() {
+            hash.update(buf);
+        }
         Ok(())
     }
 
@@ -237,11 +286,27 @@ impl<R: Read> Source<R> {
         Ok(())
     }
 
-    /// Checks the trailing checksum, then that nothing follows it.
-    fn finish(mut self) -> Result<(), DeltaError> {
+    /// Checks the trailing checksum against the body's SHA-256 (computed here, or else given
+    /// by `body_digest` for the body's length), then that nothing follows it.
+    fn finish(
+        mut self,
+        body_digest: impl FnOnce(&R, u64) -> Option<[u8; 32]>,
+    ) -> Result<(), DeltaError> {
+        let body_len = self.pos;
         let mut stored = [0u8; CHECKSUM_LEN];
         self.read_unhashed(&mut stored)?;
-        if self.hash.finish().as_ref() != stored {
+        let matches = match self.hash.take() {
+            Some(hash) => hash.finish().as_ref() == stored,
+            None => match body_digest(self.inner.get_ref(), body_len) {
+                Some(digest) => digest == stored,
+                None => {
+                    return Err(DeltaError::Io(std::io::Error::other(format!(
+                        "the reader kept no SHA-256 of the first {body_len} bytes; decode the stream with `delta::decode`, which hashes it"
+                    ))))
+                }
+            },
+        };
+        if !matches {
             return Err(DeltaError::ChecksumMismatch);
         }
         let mut probe = [0u8; 1];

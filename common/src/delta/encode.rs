@@ -15,6 +15,17 @@ use crate::model::{f32_le_bytes, ModelState};
 /// model size. Refuses non-finite values, f16-range overflow, a bad q8 block size and models
 /// beyond the format limits; `out` may then hold a partial stream, which decoders refuse.
 pub fn encode<W: Write>(delta: &ModelState, codec: Codec, out: W) -> Result<u64, DeltaError> {
+    encode_with_sha256(delta, codec, out).map(|(len, _)| len)
+}
+
+/// [`encode`], also returning the SHA-256 of the whole stream (checksum included: an upload
+/// header's `payload_sha256`) from the same pass: the hash state that gives the trailing
+/// checksum goes on over the checksum, so no byte is hashed twice.
+pub fn encode_with_sha256<W: Write>(
+    delta: &ModelState,
+    codec: Codec,
+    out: W,
+) -> Result<(u64, [u8; 32]), DeltaError> {
     let codec = codec.validate()?;
     let layout = Layout::of(delta);
     layout.check_limits()?;
@@ -91,16 +102,19 @@ impl<W: Write> HashingWriter<W> {
         Ok(())
     }
 
-    /// Appends the checksum and flushes; returns the stream length.
-    fn finish(self) -> Result<u64, DeltaError> {
+    /// Appends the checksum and flushes; returns the stream length and its SHA-256.
+    fn finish(self) -> Result<(u64, [u8; 32]), DeltaError> {
         let Self {
             mut inner,
-            hash,
+            mut hash,
             written,
         } = self;
-        let checksum = hash.finish();
+        let checksum = hash.clone().finish();
         inner.write_all(checksum.as_ref())?;
         inner.flush()?;
-        Ok(written + checksum.as_ref().len() as u64)
+        hash.update(checksum.as_ref());
+        let stream = hash.finish();
+        let stream: [u8; 32] = stream.as_ref().try_into().expect("SHA-256 has 32 bytes");
+        Ok((written + checksum.as_ref().len() as u64, stream))
     }
 }

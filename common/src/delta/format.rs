@@ -18,7 +18,7 @@ pub const MAX_RANK: usize = 8;
 /// At most this many values in all tensors together (16 GiB as f32).
 pub const MAX_TOTAL_VALUES: u64 = 1 << 32;
 /// Bytes of the trailing SHA-256.
-pub(super) const CHECKSUM_LEN: usize = 32;
+pub const CHECKSUM_LEN: usize = 32;
 
 /// The names and shapes of a model's tensors in canonical order: what a delta stream must
 /// match. Build it from the base model with [`Layout::of`].

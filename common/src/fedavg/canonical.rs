@@ -66,7 +66,7 @@ pub fn aggregate_canonical_part(
 }
 
 /// Deals the entries out to `parts` parts: largest first, to the part with the fewest values.
-fn split(entries: &[Entry], parts: usize) -> Vec<Vec<&Entry>> {
+pub(crate) fn split(entries: &[Entry], parts: usize) -> Vec<Vec<&Entry>> {
     let mut order: Vec<&Entry> = entries.iter().collect();
     order.sort_by(|a, b| b.numel.cmp(&a.numel).then_with(|| a.name.cmp(&b.name)));
     let mut out: Vec<(usize, Vec<&Entry>)> = (0..parts.max(1)).map(|_| (0, Vec::new())).collect();

@@ -2,8 +2,8 @@
 //! connection that, per round, takes its train task, downloads the base model (hashing it as
 //! it streams, then dropping it: the workload's deltas do not depend on it), writes its
 //! WORKLOAD delta f32-encoded into a buffer it reuses from round to round ([`Encoder`], the
-//! same bytes as `delta::encode`, checked at start), signs the update manifest and uploads it
-//! in 1 MiB chunks. No training.
+//! same bytes and stream SHA-256 as `delta::encode_with_sha256`, checked at start; each byte
+//! hashed once), signs the update manifest and uploads it in 1 MiB chunks. No training.
 
 use std::sync::Arc;
 
@@ -49,8 +49,10 @@ impl Encoder {
         }
     }
 
-    /// Client `index`'s delta of round `round` into `out` (its capacity is reused).
-    pub fn encode_into(&self, index: u32, round: u32, out: &mut Vec<u8>) -> Result<()> {
+    /// Client `index`'s delta of round `round` into `out` (its capacity is reused); returns
+    /// the SHA-256 of the whole stream, from the pass that gives the trailing checksum (as
+    /// `delta::encode_with_sha256` does), so each byte is hashed once.
+    pub fn encode_into(&self, index: u32, round: u32, out: &mut Vec<u8>) -> Result<[u8; 32]> {
         let source = GeneratedDelta::new(self.size, index, round);
         out.clear();
         out.extend_from_slice(&self.header);
@@ -65,9 +67,12 @@ impl Encoder {
                 offset += n;
             }
         }
-        let sum = ring::digest::digest(&ring::digest::SHA256, out);
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        hash.update(out);
+        let sum = hash.clone().finish();
         out.extend_from_slice(sum.as_ref());
-        Ok(())
+        hash.update(sum.as_ref());
+        Ok(hash.finish().as_ref().try_into()?)
     }
 
     /// Fails unless this encoder writes exactly what `delta::encode` writes.
@@ -76,11 +81,11 @@ impl Encoder {
         let enc = Self::new(size);
         for (index, round) in [(0, 1), (5, 3)] {
             let mut mine = Vec::new();
-            enc.encode_into(index, round, &mut mine)?;
+            let my_sha = enc.encode_into(index, round, &mut mine)?;
             let mut theirs = Vec::new();
             let delta = workload::client_delta(size, index, round);
-            delta::encode(&delta, Codec::F32, &mut theirs)?;
-            if mine != theirs {
+            let (_, their_sha) = delta::encode_with_sha256(&delta, Codec::F32, &mut theirs)?;
+            if mine != theirs || my_sha != their_sha {
                 bail!("the bench's f32 encoder differs from delta::encode (client {index}, round {round})");
             }
         }
@@ -176,11 +181,12 @@ impl Plant {
             let mut payload = std::mem::take(&mut buffer);
             let payload = tokio::task::spawn_blocking(move || {
                 enc.encode_into(index, round, &mut payload)
-                    .map(|()| payload)
+                    .map(|sha| (payload, sha))
             })
             .await??;
             drop(permit);
-            let header = header(&id, &key, &task, n, &payload)?;
+            let (payload, sha) = payload;
+            let header = header(&id, &key, &task, n, &payload, sha)?;
             previous = Some(hex::encode(&header.payload_sha256));
             let payload = Arc::new(payload);
             upload(&mut client, header, payload.clone())
@@ -199,8 +205,8 @@ fn header(
     task: &pb::TrainTask,
     num_samples: u64,
     payload: &[u8],
+    sha: [u8; 32],
 ) -> Result<pb::UpdateHeader> {
-    let sha = ring::digest::digest(&ring::digest::SHA256, payload);
     let mut update_id = [0u8; 16];
     update_id[..8].copy_from_slice(&task.round.to_le_bytes());
     update_id[8..].copy_from_slice(
@@ -215,7 +221,7 @@ fn header(
         base_hash: hex::encode(&task.base_hash),
         codec: "f32".into(),
         num_samples,
-        payload_sha256: hex::encode(sha.as_ref()),
+        payload_sha256: hex::encode(sha),
     };
     Ok(pb::UpdateHeader {
         protocol_version: PROTOCOL_VERSION,
@@ -226,7 +232,7 @@ fn header(
         codec: pb::Codec::F32.into(),
         num_samples,
         payload_bytes: payload.len() as u64,
-        payload_sha256: sha.as_ref().to_vec(),
+        payload_sha256: sha.to_vec(),
         plant_signature: manifest.sign(key)?,
         metrics: Default::default(),
         resume_offset: 0,

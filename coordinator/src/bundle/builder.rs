@@ -32,6 +32,8 @@ pub enum BundleSetupError {
     Trtexec(#[from] TrtexecError),
     #[error("bundles: {0}")]
     Store(#[from] BundleError),
+    #[error("bundles: {0}")]
+    Record(String),
 }
 
 /// The model version to bundle.

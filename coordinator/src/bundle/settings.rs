@@ -37,6 +37,12 @@ pub struct RawBundleSettings {
     pub score_threshold: Option<f32>,
     pub max_batch: Option<u32>,
     pub model_name: Option<String>,
+    /// Push policy and the model's description: read by [`super::BundleConfig`].
+    pub canary_plants: Option<Vec<String>>,
+    pub confirm_after_secs: Option<u64>,
+    pub resend_secs: Option<u64>,
+    pub class_names: Option<Vec<String>>,
+    pub architecture: Option<fedinspect_common::arch::ArchConfig>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

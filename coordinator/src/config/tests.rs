@@ -92,3 +92,32 @@ fn example_file_parses() {
     let text = include_str!("../../coordinator.example.toml");
     toml::from_str::<RawConfig>(text).unwrap();
 }
+
+#[test]
+fn metrics_sampling_and_retention_keys_are_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    files(dir.path());
+    let text = format!(
+        "{MINIMAL}\n[round]\nsample_fraction = 0.25\nsample_seed = 9\nkeep_update_blobs_rounds = 3\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"
+    );
+    let c = Config::from_raw(toml::from_str(&text).unwrap(), dir.path()).unwrap();
+    assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(c.round.sample_fraction, 0.25);
+    assert_eq!(c.round.sample_seed, 9);
+    assert_eq!(c.round.keep_update_blobs_rounds, Some(3));
+    let minimal = Config::from_raw(toml::from_str(MINIMAL).unwrap(), dir.path()).unwrap();
+    assert_eq!(minimal.metrics_listen, None, "no [metrics], no endpoint");
+
+    let bad = format!(
+        "{MINIMAL}\n[round]\nsample_fraction = 0.0\nkeep_update_blobs_rounds = 0\n[metrics]\nlisten = \"nowhere\"\n"
+    );
+    let problems = Config::from_raw(toml::from_str(&bad).unwrap(), dir.path()).unwrap_err();
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(problems
+        .iter()
+        .any(|p| p.starts_with("round.sample_fraction")));
+    assert!(problems
+        .iter()
+        .any(|p| p.starts_with("round.keep_update_blobs_rounds")));
+    assert!(problems.iter().any(|p| p.starts_with("metrics.listen")));
+}

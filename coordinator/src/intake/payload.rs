@@ -1,7 +1,9 @@
 //! One upload's payload on its own blocking thread ([`PayloadTask`]): each chunk is appended
 //! to the temporary blob (hashed as written), then handed to the streaming decoder, which
 //! checks it against the base layout (names, shapes, codec, finite values, trailing checksum)
-//! and gives the values to the L2 norm and to the round's running mean as they arrive.
+//! and gives the values to the L2 norm and to the round's running mean as they arrive. Each
+//! byte is hashed once: the blob's hash state is kept where the body ends, and the decoder
+//! compares the trailing checksum with it ([`delta::decode_prehashed`]).
 //!
 //! Memory per upload is a few chunks whatever the model size: the async side waits while
 //! [`QUEUE`] chunks are queued, so a slow disk or decoder slows the plant down instead of
@@ -12,7 +14,7 @@
 use std::io::{self, Read};
 use std::sync::Arc;
 
-use fedinspect_common::delta::{self, DeltaSink};
+use fedinspect_common::delta::{self, DeltaSink, PrehashedRead, CHECKSUM_LEN};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -91,19 +93,21 @@ fn run(
             return Err(e.into());
         }
     };
+    let codec = round.record.plan.codec;
     let mut tee = Tee {
         rx,
         chunk: Vec::new(),
         pos: 0,
         incoming,
         failed: None,
+        body_len: delta::encoded_len(&round.layout, codec).saturating_sub(CHECKSUM_LEN as u64),
+        body_sha256: None,
     };
     let mut sink = Sink {
         squares: 0.0,
         feed: feed.as_mut(),
     };
-    let codec = round.record.plan.codec;
-    let result = delta::decode(&mut tee, &round.layout, Some(codec), &mut sink);
+    let result = delta::decode_prehashed(&mut tee, &round.layout, Some(codec), &mut sink);
     let squares = sink.squares;
     let Tee {
         incoming, failed, ..
@@ -136,7 +140,8 @@ pub fn take_out(feed: Feed, path: &std::path::Path, round: &OpenRound) {
 }
 
 /// A `Read` over the queued chunks that appends each chunk to the temporary blob before the
-/// decoder sees a byte of it, so the file always holds everything decoded.
+/// decoder sees a byte of it, so the file always holds everything decoded. The blob hashes
+/// what is written; its digest where the body ends is the decoder's checksum reference.
 struct Tee {
     rx: mpsc::Receiver<Vec<u8>>,
     chunk: Vec<u8>,
@@ -144,6 +149,34 @@ struct Tee {
     incoming: Incoming,
     /// Why writing the file failed, reported instead of the decoder's I/O error.
     failed: Option<StorageError>,
+    /// Length of a well-formed payload without its trailing checksum (round's layout, codec).
+    body_len: u64,
+    /// SHA-256 of the first `body_len` bytes, once they are written.
+    body_sha256: Option<[u8; 32]>,
+}
+
+impl Tee {
+    /// Appends `chunk` to the blob, keeping the hash of the body where it ends.
+    fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
+        let before = self.incoming.len();
+        let end = before + chunk.len() as u64;
+        if before < self.body_len && self.body_len <= end {
+            let (body, rest) = chunk.split_at((self.body_len - before) as usize);
+            self.incoming.write(body)?;
+            self.body_sha256 = Some(self.incoming.digest().0);
+            if rest.is_empty() {
+                return Ok(());
+            }
+            return self.incoming.write(rest);
+        }
+        self.incoming.write(chunk)
+    }
+}
+
+impl PrehashedRead for Tee {
+    fn sha256_of_first(&self, len: u64) -> Option<[u8; 32]> {
+        self.body_sha256.filter(|_| len == self.body_len)
+    }
 }
 
 impl Read for Tee {
@@ -152,7 +185,7 @@ impl Read for Tee {
             let Some(chunk) = self.rx.blocking_recv() else {
                 return Ok(0); // the stream ended
             };
-            if let Err(e) = self.incoming.write(&chunk) {
+            if let Err(e) = self.write(&chunk) {
                 let io = io::Error::other(e.to_string());
                 self.failed = Some(e);
                 return Err(io);

@@ -16,7 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{auth, status, to_proto};
+use super::{auth, from_proto, status, to_proto};
 use crate::admin_ops::{self, RoundReport};
 use crate::error::CoreError;
 use crate::hub::Hub;
@@ -154,6 +154,18 @@ impl Admin for AdminService {
             .map_err(|e| self.refuse(&format!("admin:{admin}"), "revoke", e))
     }
 
+    async fn release_plant_key(
+        &self,
+        request: Request<pb::ReleasePlantKeyRequest>,
+    ) -> Result<Response<pb::ReleasePlantKeyResponse>, Status> {
+        let admin = self.admin(&request, "release_plant_key")?;
+        let pb::ReleasePlantKeyRequest { plant_id } = request.into_inner();
+        admin_ops::release_key(&self.hub, &admin, &plant_id)
+            .await
+            .map(|()| Response::new(pb::ReleasePlantKeyResponse {}))
+            .map_err(|e| self.refuse(&format!("admin:{admin}"), "release_plant_key", e))
+    }
+
     async fn get_round(
         &self,
         request: Request<pb::GetRoundRequest>,
@@ -163,6 +175,40 @@ impl Admin for AdminService {
         let report =
             admin_ops::round_report(&self.hub, round).map_err(|e| status::to_status(&e))?;
         Ok(Response::new(round_detail(&report, now_unix_ms())))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.admin(&request, "list_audit")?;
+        let pb::ListAuditRequest {
+            kind,
+            plant_id,
+            limit: n,
+        } = request.into_inner();
+        let filter =
+            from_proto::audit_filter(&kind, &plant_id).map_err(|e| status::to_status(&e))?;
+        let entries = self
+            .hub
+            .store
+            .audit_matching(&filter, limit(n))
+            .map_err(|e| status::to_status(&e.into()))?;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: entries.iter().map(to_proto::audit_info).collect(),
+        }))
+    }
+
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let admin = self.admin(&request, "check")?;
+        let report = admin_ops::check(&self.hub)
+            .await
+            .map_err(|e| status::to_status(&e))?;
+        tracing::info!(admin = %admin, problems = report.problems.len(), "data directory checked");
+        Ok(Response::new(to_proto::check_report(&report)))
     }
 
     type ExportModelStream = BoxStream<pb::Chunk>;
@@ -194,6 +240,26 @@ impl Admin for AdminService {
         };
         tokio::spawn(send_blob(file, offset, blob, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn bundle_status(
+        &self,
+        request: Request<pb::BundleStatusRequest>,
+    ) -> Result<Response<pb::BundleStatusResponse>, Status> {
+        self.admin(&request, "bundle_status")?;
+        let push = super::bundles::push(&self.hub)?;
+        Ok(Response::new(super::admin_bundles::status(&push)))
+    }
+
+    async fn confirm_bundle(
+        &self,
+        request: Request<pb::ConfirmBundleRequest>,
+    ) -> Result<Response<pb::BundleStatusResponse>, Status> {
+        let admin = self.admin(&request, "bundle_confirm")?;
+        let push = super::bundles::push(&self.hub)?;
+        super::admin_bundles::confirm(&push, &self.hub, &admin, request.into_inner())
+            .map(Response::new)
+            .map_err(|e| self.refuse(&format!("admin:{admin}"), "bundle_confirm", e))
     }
 }
 

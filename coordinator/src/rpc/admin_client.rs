@@ -4,6 +4,7 @@
 //! prints them as `key: value` lines. `export-model` streams a version's safetensors file,
 //! checks its SHA-256 and writes it atomically.
 
+mod bundle_views;
 mod views;
 
 use std::path::{Path, PathBuf};
@@ -17,24 +18,63 @@ use serde::Serialize;
 use serde_json::Value;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use views::{model, plant, round, update};
+pub use bundle_views::{BundleStatusView, PlantInstallView, RolloutView};
+use views::{audit, check, model, plant, round, update};
 pub use views::{
-    ContributionView, ExportedModel, ModelView, PlantView, RoundDetailView, RoundView, StatusView,
-    UpdateView,
+    AuditView, CheckView, ContributionView, ExportedModel, ModelView, PlantView, RoundDetailView,
+    RoundView, StatusView, UpdateView,
 };
+
+/// Which audit entries `Audit` lists: `kind` and `plant` empty for all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditQuery {
+    pub kind: String,
+    pub plant: String,
+    pub limit: u32,
+}
 
 /// One admin action.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AdminCommand {
     Status,
     Plants,
-    Rounds { limit: u32 },
-    Models { limit: u32 },
-    Round { round: u64 },
-    ExportModel { version: u64, out: PathBuf },
-    Promote { version: u64, force: bool },
-    Rollback { to: u64 },
-    Revoke { plant: String, reason: String },
+    Rounds {
+        limit: u32,
+    },
+    Models {
+        limit: u32,
+    },
+    Round {
+        round: u64,
+    },
+    ExportModel {
+        version: u64,
+        out: PathBuf,
+    },
+    Promote {
+        version: u64,
+        force: bool,
+    },
+    Rollback {
+        to: u64,
+    },
+    Revoke {
+        plant: String,
+        reason: String,
+    },
+    /// Release a plant's pinned update-signing key (after re-enrolling it).
+    ReleaseKey {
+        plant: String,
+    },
+    /// Audit log entries, newest first.
+    Audit(AuditQuery),
+    /// Check the data directory (blobs re-hashed, indexes cross-checked).
+    Check,
+    BundleStatus,
+    BundleConfirm {
+        version: u64,
+        force: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +264,53 @@ impl AdminSession {
         })
     }
 
+    /// The bundle push in force.
+    pub async fn bundle_status(&mut self) -> Result<BundleStatusView, AdminClientError> {
+        let r = self
+            .client
+            .bundle_status(pb::BundleStatusRequest {})
+            .await?;
+        Ok(bundle_views::bundle_status(r.into_inner()))
+    }
+
+    /// Sends the bundle of `version` to every plant.
+    pub async fn bundle_confirm(
+        &mut self,
+        version: u64,
+        force: bool,
+    ) -> Result<BundleStatusView, AdminClientError> {
+        let r = self
+            .client
+            .confirm_bundle(pb::ConfirmBundleRequest { version, force })
+            .await?;
+        Ok(bundle_views::bundle_status(r.into_inner()))
+    }
+
+    /// Up to `limit` audit entries (0: the coordinator's default), newest first, of `kind`
+    /// and about `plant` when those are not empty.
+    pub async fn audit(
+        &mut self,
+        kind: &str,
+        plant: &str,
+        limit: u32,
+    ) -> Result<Vec<AuditView>, AdminClientError> {
+        let r = self
+            .client
+            .list_audit(pb::ListAuditRequest {
+                kind: kind.to_string(),
+                plant_id: plant.to_string(),
+                limit,
+            })
+            .await?;
+        Ok(r.into_inner().entries.iter().map(audit).collect())
+    }
+
+    /// Checks the coordinator's data directory.
+    pub async fn check(&mut self) -> Result<CheckView, AdminClientError> {
+        let r = self.client.check(pb::CheckRequest {}).await?;
+        Ok(check(&r.into_inner()))
+    }
+
     /// Runs `cmd` and returns its answer as the JSON `--json` prints.
     pub async fn run(&mut self, cmd: AdminCommand) -> Result<Value, AdminClientError> {
         fn json<T: Serialize>(v: T) -> Value {
@@ -231,6 +318,8 @@ impl AdminSession {
         }
         Ok(match cmd {
             AdminCommand::Status => json(self.status().await?),
+            AdminCommand::Audit(q) => json(self.audit(&q.kind, &q.plant, q.limit).await?),
+            AdminCommand::Check => json(self.check().await?),
             AdminCommand::Plants => json(self.plants().await?),
             AdminCommand::Rounds { limit } => json(self.rounds(limit).await?),
             AdminCommand::Models { limit } => json(self.models(limit).await?),
@@ -260,6 +349,18 @@ impl AdminSession {
                     })
                     .await?;
                 serde_json::json!({ "revoked": plant })
+            }
+            AdminCommand::ReleaseKey { plant } => {
+                self.client
+                    .release_plant_key(pb::ReleasePlantKeyRequest {
+                        plant_id: plant.clone(),
+                    })
+                    .await?;
+                serde_json::json!({ "key_released": plant })
+            }
+            AdminCommand::BundleStatus => json(self.bundle_status().await?),
+            AdminCommand::BundleConfirm { version, force } => {
+                json(self.bundle_confirm(version, force).await?)
             }
         })
     }

@@ -1,5 +1,5 @@
-//! The plant-facing `Federation` service: registration, the task stream, model downloads and
-//! update uploads. Every refusal is audited and returned with the code `status` gives it.
+//! The plant-facing `Federation` service: registration, the task stream, model downloads,
+//! update uploads, and bundle downloads and install reports (`bundles`). Every refusal is audited and returned with the code `status` gives it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::from_proto::{self, FromProtoError};
-use super::{auth, status, to_proto};
+use super::{auth, bundles, status, to_proto};
 use crate::error::CoreError;
 use crate::hub::{Hub, OpenRound};
 use crate::intake::{self, Admission, UpdateHeader};
@@ -76,6 +76,17 @@ impl FederationService {
                 return Err(CoreError::Revoked {
                     plant: plant.to_string(),
                     reason: existing.revoked.map(|r| r.reason).unwrap_or_default(),
+                })
+            }
+            // The first key a plant registers is pinned: otherwise any holder of the plant's
+            // certificate could register another key (or none, switching the signature check
+            // off) and sign updates in its name. Only an admin releases it.
+            Some(existing)
+                if !existing.plant_public_key.is_empty()
+                    && existing.plant_public_key != plant_public_key =>
+            {
+                return Err(CoreError::PlantKeyChanged {
+                    plant: plant.to_string(),
                 })
             }
             Some(existing) => PlantRecord {
@@ -144,7 +155,8 @@ impl FederationService {
             .open_round()
             .filter(|r| r.record.base_version == record.version);
         let span = tracing::info_span!("download", plant, version = record.version);
-        tokio::spawn(send_file(file, offset, record, round, tx).instrument(span));
+        let metrics = self.hub.metrics.clone();
+        tokio::spawn(send_file(file, offset, record, round, tx, metrics).instrument(span));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
@@ -279,6 +291,8 @@ impl Federation for FederationService {
         self.upload_inner(&who.id, request.into_inner())
             .instrument(tracing::info_span!("upload", plant = %who.id))
             .await
+            .inspect(|r| self.hub.metrics.update_accepted(r.duplicate))
+            .inspect_err(|e| self.hub.metrics.update_refused(e))
             .map(Response::new)
             .map_err(|e| self.refuse(&actor, "upload_update", e))
     }
@@ -299,20 +313,48 @@ impl Federation for FederationService {
 
     async fn download_bundle(
         &self,
-        _request: Request<pb::DownloadBundleRequest>,
+        request: Request<pb::DownloadBundleRequest>,
     ) -> Result<Response<Self::DownloadBundleStream>, Status> {
-        Err(Status::unimplemented(
-            "this coordinator does not serve inference bundles yet; install models from DownloadModel",
-        ))
+        let who = auth::caller(&request, Role::Plant)
+            .map_err(|e| self.refuse(&auth::actor(&request), "download_bundle", e))?;
+        let actor = format!("plant:{}", who.id);
+        // Revoked or unknown plants are refused (and audited) before anything else.
+        self.registered_plant(&who.id)
+            .map_err(|e| self.refuse(&actor, "download_bundle", e))?;
+        let push = bundles::push(&self.hub)?;
+        bundles::download(push, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| self.refuse(&actor, "download_bundle", e))
     }
 
     async fn report_install(
         &self,
-        _request: Request<pb::ReportInstallRequest>,
+        request: Request<pb::ReportInstallRequest>,
     ) -> Result<Response<pb::ReportInstallResponse>, Status> {
-        Err(Status::unimplemented(
-            "this coordinator sends no install tasks yet, so there is nothing to report",
-        ))
+        let who = auth::caller(&request, Role::Plant)
+            .map_err(|e| self.refuse(&auth::actor(&request), "report_install", e))?;
+        let actor = format!("plant:{}", who.id);
+        self.registered_plant(&who.id)
+            .map_err(|e| self.refuse(&actor, "report_install", e))?;
+        let push = bundles::push(&self.hub)?;
+        bundles::report(&push, &self.hub, &who.id, request.into_inner())
+            .map(|()| Response::new(pb::ReportInstallResponse {}))
+            .map_err(|e| self.refuse(&actor, "report_install", e))
+    }
+
+    async fn report_calibration(
+        &self,
+        request: Request<pb::ReportCalibrationRequest>,
+    ) -> Result<Response<pb::ReportCalibrationResponse>, Status> {
+        let who = auth::caller(&request, Role::Plant)
+            .map_err(|e| self.refuse(&auth::actor(&request), "report_calibration", e))?;
+        let actor = format!("plant:{}", who.id);
+        let push = bundles::push(&self.hub)?;
+        self.registered_plant(&who.id)
+            .and_then(|_| bundles::calibration(&push, &self.hub, &who.id, request.into_inner()))
+            .map(|()| Response::new(pb::ReportCalibrationResponse {}))
+            .map_err(|e| self.refuse(&actor, "report_calibration", e))
     }
 }
 
@@ -347,6 +389,7 @@ async fn send_file(
     record: ModelRecord,
     round: Option<Arc<OpenRound>>,
     tx: mpsc::Sender<Result<pb::Chunk, Status>>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     use std::os::unix::fs::FileExt;
 
@@ -384,6 +427,7 @@ async fn send_file(
         if let Some(r) = &round {
             r.count_sent(want as u64);
         }
+        metrics.model_bytes_sent(want as u64);
         offset += want as u64;
         if last {
             return;

@@ -137,3 +137,22 @@ fn finite_metrics(
         })
         .collect()
 }
+
+/// The filter of a `ListAudit` request: empty strings match everything.
+pub fn audit_filter(kind: &str, plant_id: &str) -> Result<crate::records::AuditFilter, CoreError> {
+    use crate::records::AuditKind;
+    let kind = match kind {
+        "" => None,
+        name => Some(AuditKind::parse(name).ok_or_else(|| {
+            let names: Vec<&str> = AuditKind::ALL.iter().map(|k| k.as_str()).collect();
+            CoreError::Malformed(format!(
+                "'{name}' is not an audit kind; use one of {}",
+                names.join(", ")
+            ))
+        })?),
+    };
+    Ok(crate::records::AuditFilter {
+        kind,
+        plant: (!plant_id.is_empty()).then(|| plant_id.to_string()),
+    })
+}

@@ -4,10 +4,13 @@
 //! codes in one place (`status`).
 
 pub mod admin;
+mod admin_bundles;
 pub mod admin_client;
 mod auth;
+mod bundles;
 pub mod federation;
 mod from_proto;
+mod health;
 mod status;
 mod to_proto;
 
@@ -45,8 +48,10 @@ pub async fn serve(
     let admin = AdminServer::new(admin::AdminService::new(hub))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (health, shutdown) = health::health(shutdown).await;
     Server::builder()
         .tls_config(tls)?
+        .add_service(health)
         .add_service(federation)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

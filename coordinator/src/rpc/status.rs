@@ -31,15 +31,16 @@ fn code(e: &CoreError) -> Code {
         | WrongCodec { .. }
         | ResumeUnsupported(_)
         | RoundClosed { .. }
+        | NotSampled { .. }
         | NoModel
         | AlreadyInitialised(_)
         | AdminRefused(_) => Code::FailedPrecondition,
-        WrongRole { .. } | Revoked { .. } => Code::PermissionDenied,
+        WrongRole { .. } | Revoked { .. } | PlantKeyChanged { .. } => Code::PermissionDenied,
         Unauthenticated(_) => Code::Unauthenticated,
         AlreadyContributed { .. } | UpdateIdTaken { .. } => Code::AlreadyExists,
         PayloadTooLarge { .. } => Code::ResourceExhausted,
         Truncated { .. } | PayloadDigest { .. } => Code::DataLoss,
-        UnknownVersion(_) | UnknownPlant(_) => Code::NotFound,
+        UnknownVersion(_) | UnknownPlant(_) | UnknownRound(_) => Code::NotFound,
         Model(_) | Aggregation(_) | Signing(_) | Storage(_) | Internal(_) => Code::Internal,
     }
 }

@@ -3,15 +3,26 @@
 use fedinspect_proto::v1 as pb;
 
 use crate::admin_ops::StatusSnapshot;
-use crate::hub::{PlantTask, TrainTask};
+use crate::hub::{InstallBundleTask, PlantTask, TrainTask};
 use crate::records::{ModelRecord, PlantRecord, RoundRecord, TrainPlan};
 use fedinspect_common::delta::Codec;
 
 pub fn task(t: &PlantTask) -> pb::Task {
     let kind = match t {
         PlantTask::Train(t) => pb::task::Kind::Train(train_task(t)),
+        PlantTask::InstallBundle(t) => pb::task::Kind::InstallBundle(install_task(t)),
     };
     pb::Task { kind: Some(kind) }
+}
+
+fn install_task(t: &InstallBundleTask) -> pb::InstallBundleTask {
+    pb::InstallBundleTask {
+        bundle_id: t.bundle_id.clone(),
+        model_version: t.model_version,
+        // The id and manifest hash come from our own store: always 64 hex digits.
+        manifest_sha256: hex::decode(&t.manifest_sha256).unwrap_or_default(),
+        canary: t.canary,
+    }
 }
 
 fn train_task(t: &TrainTask) -> pb::TrainTask {
@@ -74,6 +85,8 @@ pub fn round_info(r: &RoundRecord, now_unix_ms: i64) -> pb::RoundInfo {
         participants: r.participants,
         failure: r.failure.clone().unwrap_or_default(),
         seconds: end.saturating_sub(r.opened_unix_ms) as f64 / 1000.0,
+        bytes_received: r.bytes_received,
+        bytes_sent: r.bytes_sent,
     }
 }
 
@@ -100,5 +113,26 @@ pub fn status(s: &StatusSnapshot) -> pb::StatusResponse {
         promoted_version: s.promoted_version,
         plants_registered: s.plants_registered,
         plants_connected: s.plants_connected,
+    }
+}
+
+pub fn audit_info(e: &crate::records::AuditEntry) -> pb::AuditInfo {
+    pb::AuditInfo {
+        at_unix_ms: e.at_unix_ms,
+        actor: e.actor.clone(),
+        action: e.action.clone(),
+        detail: e.detail.clone(),
+        kind: e.kind.as_str().to_string(),
+        plant_id: e.plant.clone().unwrap_or_default(),
+    }
+}
+
+pub fn check_report(r: &crate::storage::check::CheckReport) -> pb::CheckResponse {
+    pb::CheckResponse {
+        models_checked: r.models_checked,
+        updates_checked: r.updates_checked,
+        update_blobs_removed: r.update_blobs_removed,
+        rounds_checked: r.rounds_checked,
+        problems: r.problems.clone(),
     }
 }

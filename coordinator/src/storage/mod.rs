@@ -12,6 +12,8 @@
 //! | `audit` | sled-generated id, u64 BE | [`AuditEntry`] |
 //! | `meta` | `format_version` | u32 BE, [`FORMAT_VERSION`] |
 //! | `meta` | `promoted_history` | JSON list of promoted versions, oldest first |
+//! | `meta` | `update_blobs_removed_through` | JSON round number: rounds up to it have no update blobs (`retention`) |
+//! | `evaluations` | version, u64 big-endian | [`crate::gate::Evaluation`]: its validation-set scores |
 //!
 //! Big-endian keys make sled's byte order the numeric order. Changes that must happen
 //! together (an update and its id index; a model version and its round's state; a promotion)
@@ -19,7 +21,9 @@
 //! await before they acknowledge anything.
 
 mod blobs;
+pub mod check;
 mod delta_file;
+pub mod retention;
 #[cfg(test)]
 mod tests;
 
@@ -34,7 +38,8 @@ pub use blobs::{BlobStore, Incoming};
 pub use delta_file::{header_bytes, DeltaFile};
 
 use crate::records::{
-    AuditEntry, ModelRecord, ModelStatus, PlantRecord, RoundRecord, UpdateId, UpdateRecord,
+    AuditEntry, AuditFilter, ModelRecord, ModelStatus, PlantRecord, RoundRecord, UpdateId,
+    UpdateRecord,
 };
 
 /// Version of the layout above; a database with another version is refused at open.
@@ -42,6 +47,7 @@ pub const FORMAT_VERSION: u32 = 1;
 
 const FORMAT_KEY: &[u8] = b"format_version";
 const PROMOTED_KEY: &[u8] = b"promoted_history";
+const REMOVED_THROUGH_KEY: &[u8] = b"update_blobs_removed_through";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -359,6 +365,74 @@ impl Store {
     /// Up to `limit` audit entries, newest first.
     pub fn audit_entries(&self, limit: usize) -> Result<Vec<AuditEntry>, StorageError> {
         self.all(&self.audit, "audit", true, limit)
+    }
+
+    /// Up to `limit` audit entries that `filter` matches, newest first.
+    pub fn audit_matching(
+        &self,
+        filter: &AuditFilter,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.audit.iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let entry: AuditEntry = decode("audit", &k, &v)?;
+            if filter.matches(&entry) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- retention
+
+    /// Rounds up to this one have had their update blobs removed (0: none have).
+    pub fn update_blobs_removed_through(&self) -> Result<u64, StorageError> {
+        Ok(self
+            .get(&self.meta, "meta", REMOVED_THROUGH_KEY)?
+            .unwrap_or(0))
+    }
+
+    pub fn set_update_blobs_removed_through(&self, round: u64) -> Result<(), StorageError> {
+        self.put(&self.meta, REMOVED_THROUGH_KEY, &round)
+    }
+
+    /// Every update record, in (round, plant id) order.
+    pub fn all_updates(&self) -> Result<Vec<UpdateRecord>, StorageError> {
+        self.all(&self.updates, "updates", false, usize::MAX)
+    }
+
+    /// Every entry of the update id index: (update id, the `updates` key it points at, the
+    /// record there if any).
+    pub fn update_id_index(&self) -> Result<Vec<(UpdateId, Option<UpdateRecord>)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.update_ids.iter() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let id = UpdateId::from_slice(&k)
+                .ok_or_else(|| corrupt("update_ids", &k, "the key is not a 16-byte update id"))?;
+            out.push((id, self.get(&self.updates, "updates", &v)?));
+        }
+        Ok(out)
+    }
+
+    // ---- evaluations (`crate::gate`)
+
+    /// Stores `version`'s validation-set scores, replacing older ones (made with another
+    /// evaluator command).
+    pub fn put_evaluation(&self, e: &crate::gate::Evaluation) -> Result<(), StorageError> {
+        let tree = self.db.open_tree("evaluations").map_err(|e| self.err(e))?;
+        self.put(&tree, &e.version.to_be_bytes(), e)
+    }
+
+    pub fn evaluation(
+        &self,
+        version: u64,
+    ) -> Result<Option<crate::gate::Evaluation>, StorageError> {
+        let tree = self.db.open_tree("evaluations").map_err(|e| self.err(e))?;
+        self.get(&tree, "evaluations", &version.to_be_bytes())
     }
 
     // ---- helpers

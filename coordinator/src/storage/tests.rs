@@ -138,6 +138,7 @@ fn a_version_never_changes_but_storing_it_again_is_a_no_op() {
         failure: None,
         bytes_received: 200,
         bytes_sent: 300,
+        sampled: Vec::new(),
     };
     store.insert_model(&v2, Some(&round)).unwrap();
     assert_eq!(store.round(1).unwrap().unwrap(), round);
@@ -289,4 +290,27 @@ fn many_concurrent_flushes_all_complete() {
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("every concurrent flush completes");
     assert_eq!(store.updates_of_round(1).unwrap().len(), 64);
+}
+
+#[test]
+fn check_reports_records_that_point_at_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let blobs = BlobStore::open(&dir.path().join("blobs")).unwrap();
+    // Version 2 names parent 1 and round 1, neither stored; its blob is absent.
+    store.insert_model(&model(2, 7), None).unwrap();
+    // An update of round 3, which does not exist, whose blob is absent.
+    assert_eq!(
+        store.record_update(&update(3, "plant-1", 1)).unwrap(),
+        RecordOutcome::Inserted
+    );
+    let report = check::check(&store, &blobs).unwrap();
+    let p = &report.problems;
+    let has = |text: &str| p.iter().any(|x| x.contains(text));
+    assert!(has("model version 2: blob"), "{p:#?}");
+    assert!(has("its parent version 1 is missing"), "{p:#?}");
+    assert!(has("its round 1 is missing"), "{p:#?}");
+    assert!(has("of plant plant-1 in round 3: blob"), "{p:#?}");
+    assert!(has("round 3 is missing"), "{p:#?}");
+    assert_eq!((report.models_checked, report.updates_checked), (1, 1));
 }

@@ -60,6 +60,8 @@ impl Site {
             initial_model: Some(self.checkpoint.clone()),
             round,
             limits,
+            bundles: None,
+            metrics_listen: None,
         }
     }
 

@@ -135,6 +135,7 @@ pub fn tiny_site(root: &Path, data: &Path, rounds: u64, codec: Codec) -> SiteSpe
         plant_threads: 1,
         warmup_steps: 2,
         seed: 3,
+        coordinator_extra: Vec::new(),
     }
 }
 

@@ -7,7 +7,7 @@ use fedinspect_proto::v1 as pb;
 use fedinspect_proto::{CHUNK_BYTES, PROTOCOL_VERSION};
 
 use super::{RpcError, MAX_MODEL_BYTES};
-use crate::agent::types::{Registration, Task, TrainPlan, TrainTask, UploadAck};
+use crate::agent::types::{InstallBundleTask, Registration, Task, TrainPlan, TrainTask, UploadAck};
 
 fn malformed(what: &'static str, reason: impl Into<String>) -> RpcError {
     RpcError::Malformed {
@@ -40,10 +40,37 @@ pub fn task(t: pb::Task) -> Result<Task, RpcError> {
     let pb::Task { kind } = t;
     match kind {
         Some(pb::task::Kind::Train(t)) => train_task(t).map(Task::Train),
-        Some(pb::task::Kind::InstallBundle(_)) => Ok(Task::Other("install_bundle")),
+        Some(pb::task::Kind::InstallBundle(t)) => install_task(t).map(Task::InstallBundle),
         Some(pb::task::Kind::Wait(_)) => Ok(Task::Other("wait")),
         None => Err(malformed("task", "no kind set")),
     }
+}
+
+fn install_task(t: pb::InstallBundleTask) -> Result<InstallBundleTask, RpcError> {
+    let pb::InstallBundleTask {
+        bundle_id,
+        model_version,
+        manifest_sha256,
+        canary,
+    } = t;
+    if manifest_sha256.len() != 32 {
+        return Err(malformed(
+            "install task",
+            format!("manifest_sha256 of {} bytes", manifest_sha256.len()),
+        ));
+    }
+    if !fedinspect_common::bundle::is_valid_file_name(&bundle_id) {
+        return Err(malformed(
+            "install task",
+            format!("'{bundle_id}' is not a bundle id"),
+        ));
+    }
+    Ok(InstallBundleTask {
+        bundle_id,
+        model_version,
+        manifest_sha256: hex::encode(manifest_sha256),
+        canary,
+    })
 }
 
 fn train_task(t: pb::TrainTask) -> Result<TrainTask, RpcError> {
@@ -132,6 +159,52 @@ pub fn chunk(c: pb::Chunk, received: u64, total: &mut Option<u64>) -> Result<pb:
             WHAT,
             format!(
                 "{} bytes, over the {MAX_MODEL_BYTES} byte limit",
+                c.total_bytes
+            ),
+        ));
+    }
+    match *total {
+        Some(t) if t != c.total_bytes => {
+            return Err(malformed(
+                WHAT,
+                format!("the total changed from {t} to {}", c.total_bytes),
+            ))
+        }
+        _ => *total = Some(c.total_bytes),
+    }
+    if received + c.data.len() as u64 > c.total_bytes {
+        return Err(malformed(WHAT, "more bytes than the announced total"));
+    }
+    Ok(c)
+}
+
+/// Largest bundle archive accepted: the unpack limit on all files (8 GiB) and its headers.
+pub const MAX_BUNDLE_BYTES: u64 = (8 << 30) + (1 << 20);
+
+/// A chunk of a bundle download, checked like a model chunk with the bundle size limit.
+pub fn bundle_chunk(
+    c: pb::Chunk,
+    received: u64,
+    total: &mut Option<u64>,
+) -> Result<pb::Chunk, RpcError> {
+    const WHAT: &str = "bundle download";
+    if c.offset != received {
+        return Err(malformed(
+            WHAT,
+            format!("a chunk at byte {} after {received} bytes", c.offset),
+        ));
+    }
+    if c.data.len() > CHUNK_BYTES {
+        return Err(malformed(
+            WHAT,
+            format!("a chunk of {} bytes", c.data.len()),
+        ));
+    }
+    if c.total_bytes > MAX_BUNDLE_BYTES {
+        return Err(malformed(
+            WHAT,
+            format!(
+                "{} bytes, over the {MAX_BUNDLE_BYTES} byte limit",
                 c.total_bytes
             ),
         ));

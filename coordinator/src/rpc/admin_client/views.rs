@@ -38,6 +38,12 @@ pub struct RoundView {
     pub participants: u32,
     pub failure: String,
     pub seconds: f64,
+    /// Encoded update bytes accepted in the round (set at close).
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Model bytes streamed to plants while it was open (set at close).
+    #[serde(default)]
+    pub bytes_sent: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -97,10 +103,38 @@ pub struct RoundDetailView {
     pub published_unix_ms: i64,
     pub base_size_bytes: u64,
     pub updates: Vec<UpdateView>,
-    /// Encoded update bytes the coordinator accepted in the round (set at close).
+    /// Encoded update bytes the coordinator accepted in the round (set at close). The same
+    /// as `round.bytes_received`, which is where JSON carries it (once).
+    #[serde(skip)]
     pub bytes_received: u64,
-    /// Model bytes it streamed to plants while the round was open (set at close).
+    /// Model bytes it streamed to plants while the round was open (set at close); in JSON
+    /// as `round.bytes_sent`.
+    #[serde(skip)]
     pub bytes_sent: u64,
+}
+
+/// One audit log entry (`coordinator admin audit`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditView {
+    pub at_unix_ms: i64,
+    pub kind: String,
+    pub actor: String,
+    pub action: String,
+    /// The plant concerned, empty if none.
+    pub plant_id: String,
+    pub detail: String,
+}
+
+/// What `coordinator admin check` found.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckView {
+    pub models_checked: u64,
+    pub updates_checked: u64,
+    /// Update blobs not checked because retention removed them.
+    pub update_blobs_removed: u64,
+    pub rounds_checked: u64,
+    /// Empty when the data directory is consistent.
+    pub problems: Vec<String>,
 }
 
 /// What `export-model` wrote.
@@ -133,6 +167,8 @@ pub(super) fn round(r: &pb::RoundInfo) -> RoundView {
         participants: r.participants,
         failure: r.failure.clone(),
         seconds: r.seconds,
+        bytes_received: r.bytes_received,
+        bytes_sent: r.bytes_sent,
     }
 }
 
@@ -172,5 +208,26 @@ pub(super) fn update(u: &pb::UpdateInfo) -> UpdateView {
         l2_norm: u.l2_norm,
         clip_scale: u.clip_scale,
         received_unix_ms: u.received_unix_ms,
+    }
+}
+
+pub(super) fn audit(e: &pb::AuditInfo) -> AuditView {
+    AuditView {
+        at_unix_ms: e.at_unix_ms,
+        kind: e.kind.clone(),
+        actor: e.actor.clone(),
+        action: e.action.clone(),
+        plant_id: e.plant_id.clone(),
+        detail: e.detail.clone(),
+    }
+}
+
+pub(super) fn check(c: &pb::CheckResponse) -> CheckView {
+    CheckView {
+        models_checked: c.models_checked,
+        updates_checked: c.updates_checked,
+        update_blobs_removed: c.update_blobs_removed,
+        rounds_checked: c.rounds_checked,
+        problems: c.problems.clone(),
     }
 }

@@ -1,0 +1,125 @@
+//! The bundle calls of the agent's gRPC edge: `DownloadBundle` into a file (chunks checked to
+//! be contiguous, within the announced total, the whole matching the SHA-256 of the last
+//! chunk), `ReportInstall`, and `ReportCalibration` (the INT8 ranges measured after training).
+
+use std::io::Write;
+use std::path::Path;
+
+use fedinspect_proto::v1 as pb;
+use fedinspect_proto::PROTOCOL_VERSION;
+
+use super::{from_proto, Connection, RpcError};
+use crate::agent::types::InstallOutcome;
+
+/// Why a download is not the archive the coordinator meant to send.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The bytes arrived but are not whole or not what was announced: refuse, do not retry.
+    #[error("the download of bundle {id} is corrupt or truncated ({reason})")]
+    Corrupt { id: String, reason: String },
+    #[error("cannot write the download to {path}: {source}; check the state folder's free space")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Connection {
+    /// Downloads bundle `id`'s archive into `out` (created or truncated); returns its length.
+    pub async fn download_bundle(&mut self, id: &str, out: &Path) -> Result<u64, DownloadError> {
+        const CALL: &str = "DownloadBundle";
+        let write_err = |source| DownloadError::Write {
+            path: out.display().to_string(),
+            source,
+        };
+        let req = pb::DownloadBundleRequest {
+            protocol_version: PROTOCOL_VERSION,
+            bundle_id: id.to_string(),
+            offset: 0,
+        };
+        let mut stream = self
+            .client
+            .download_bundle(req)
+            .await
+            .map_err(|s| RpcError::status(CALL, s))?
+            .into_inner();
+        let mut file = std::io::BufWriter::new(std::fs::File::create(out).map_err(write_err)?);
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut received = 0u64;
+        let mut total = None;
+        let mut digest = Vec::new();
+        let corrupt = |reason: String| DownloadError::Corrupt {
+            id: id.to_string(),
+            reason,
+        };
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| RpcError::status(CALL, s))?
+        {
+            let chunk = from_proto::bundle_chunk(chunk, received, &mut total)
+                .map_err(|e| corrupt(e.to_string()))?;
+            ctx.update(&chunk.data);
+            file.write_all(&chunk.data).map_err(write_err)?;
+            received += chunk.data.len() as u64;
+            digest = chunk.sha256;
+        }
+        file.flush().map_err(write_err)?;
+        if Some(received) != total {
+            return Err(corrupt(format!(
+                "the stream ended after {received} of {} bytes",
+                total.map_or("an unknown number of".into(), |t| t.to_string())
+            )));
+        }
+        if ctx.finish().as_ref() != digest.as_slice() {
+            return Err(corrupt(
+                "the bytes do not match the SHA-256 of the last chunk".into(),
+            ));
+        }
+        Ok(received)
+    }
+
+    /// Sends the activation ranges measured after training in `round`.
+    pub async fn report_calibration(
+        &mut self,
+        round: u64,
+        ranges: &fedinspect_common::onnx::ActivationRanges,
+    ) -> Result<(), RpcError> {
+        let req = pb::ReportCalibrationRequest {
+            protocol_version: PROTOCOL_VERSION,
+            round,
+            ranges: ranges
+                .iter()
+                .map(|(node, r)| pb::ActivationRange {
+                    node: node.clone(),
+                    min: r.min,
+                    max: r.max,
+                })
+                .collect(),
+        };
+        self.client
+            .report_calibration(req)
+            .await
+            .map_err(|s| RpcError::status("ReportCalibration", s))?;
+        Ok(())
+    }
+
+    /// Reports the result of an install task.
+    pub async fn report_install(&mut self, outcome: &InstallOutcome) -> Result<(), RpcError> {
+        let req = pb::ReportInstallRequest {
+            protocol_version: PROTOCOL_VERSION,
+            bundle_id: outcome.bundle_id.clone(),
+            ok: outcome.ok,
+            message: outcome.message.clone(),
+            engine_built_locally: outcome.engine_built_locally,
+        };
+        self.client
+            .report_install(req)
+            .await
+            .map_err(|s| RpcError::status("ReportInstall", s))?;
+        Ok(())
+    }
+}

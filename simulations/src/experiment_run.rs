@@ -1,0 +1,405 @@
+//! One run of an experiment, end to end: the plants' data ([`plant_data`]), the real
+//! federation (coordinator and plant processes over mutual TLS, [`Site`] and [`Federation`])
+//! followed through the Admin service with every published version exported and checked,
+//! then every version scored on every test set ([`EvalSets`]), then the two baselines with
+//! the same budget ([`BaselineTrainer`]), and the run's metrics and report written into its
+//! folder.
+//!
+//! ```text
+//! OUT/runs/<label>/   settings.toml, metrics.json, *.csv, *.png, *.svg, report.md
+//!                     plant-data/ (each plant's split files), site/ (PKI, coordinator, logs, models)
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use fedinspect_client::detector::auto_device;
+use fedinspect_common::arch::ArchConfig;
+use fedinspect_common::fsutil;
+use fedinspect_common::signing::VerifyingKey;
+use fedinspect_common::ModelState;
+use fedinspect_coordinator::rpc::admin_client::RoundDetailView;
+use tch::Device;
+
+use crate::baselines::BaselineTrainer;
+use crate::coordinator_support::coordinator_entries;
+use crate::eval_sets::{EvalSets, ModelScores};
+use crate::experiment::{participants, Settings};
+use crate::federation::{Federation, REGISTER_WAIT, STOP_GRACE};
+use crate::interrupt::Interrupt;
+use crate::plant_data::{self, PreparedData};
+use crate::process_memory::{peak_rss, ProcessMemory};
+use crate::processes::{describe, Binaries};
+use crate::progress::{round_watcher, Clock};
+use crate::report::RoundRow;
+use crate::run_metrics::{
+    mean, BaselineRound, FederatedRound, LocalOnlyRound, PlantSummary, RunMetrics,
+};
+use crate::run_report::write_run_report;
+use crate::site::{PlantSpec, RoundSpec, Site, SiteSpec};
+use crate::sweep::Run;
+use crate::versions::export_version;
+
+/// Runs `run` into `out/runs/<label>`, generated data cached in `out/data`.
+pub fn run_one(
+    run: &Run,
+    out: &Path,
+    bins: &Binaries,
+    interrupt: &Interrupt,
+    clock: &Clock,
+) -> Result<RunMetrics> {
+    let s = &run.settings;
+    let dir = out.join("runs").join(&run.label);
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fsutil::write_bytes_atomic(&dir.join("settings.toml"), s.to_toml().as_bytes())?;
+    let data = plant_data::prepare(s, &out.join("data"), &dir)?;
+    for p in &data.plants {
+        clock.say(format!(
+            "  {}: {} training and {} test images ({})",
+            p.id,
+            p.train_images,
+            p.test_images,
+            p.groups.join(", ")
+        ));
+    }
+    let spec = site_spec(s, &dir, &data)?;
+    let arch = spec.arch.clone();
+
+    let fed_started = clock.seconds();
+    let (details, initial_version, memory) = federate(spec, bins, interrupt, clock, s)?;
+    let federation_seconds = clock.seconds() - fed_started;
+
+    let device = device(&s.compute.device)?;
+    tch::set_num_threads(i32::try_from(s.compute.threads).unwrap_or(1));
+    let sets = EvalSets::load(&data, &arch, device, s.data.eval_limit, interrupt.clone())?;
+    clock.say(format!(
+        "scoring the published versions on the global test set ({} images{}) and each plant's own",
+        sets.global_len(),
+        sets.unseen_len()
+            .map_or(String::new(), |n| format!(", unseen groups {n}"))
+    ));
+    let models = dir.join("site/models");
+    let initial_scores = sets.score(&initial_version)?;
+    let mut federated = Vec::new();
+    for detail in &details {
+        federated.push(score_round(&sets, detail, &models, clock)?);
+    }
+
+    let baseline_started = clock.seconds();
+    let centralised = if s.baselines.centralised {
+        centralised(
+            s,
+            &data,
+            &arch,
+            device,
+            &initial_version,
+            &sets,
+            interrupt,
+            clock,
+        )?
+    } else {
+        Vec::new()
+    };
+    let local_only = if s.baselines.local_only {
+        local_only(
+            s,
+            &data,
+            &arch,
+            device,
+            &initial_version,
+            &sets,
+            interrupt,
+            clock,
+        )?
+    } else {
+        Vec::new()
+    };
+    let metrics = RunMetrics {
+        label: run.label.clone(),
+        swept: run
+            .swept
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        settings: s.clone(),
+        plants: data
+            .plants
+            .iter()
+            .map(|p| PlantSummary {
+                id: p.id.clone(),
+                groups: p.groups.clone(),
+                train_images: p.train_images,
+                test_images: p.test_images,
+            })
+            .collect(),
+        class_skew: data.class_skew,
+        global_test_images: sets.global_len(),
+        unseen_test_images: sets.unseen_len(),
+        initial: initial_scores,
+        federated,
+        centralised,
+        local_only,
+        federation_seconds,
+        rounds_per_hour: f64::from(s.federation.rounds) * 3600.0 / federation_seconds.max(1e-9),
+        memory,
+        baseline_seconds: clock.seconds() - baseline_started,
+    };
+    metrics.write(&dir)?;
+    write_run_report(&metrics, &dir)?;
+    clock.say(format!("run {} written to {}", run.label, dir.display()));
+    Ok(metrics)
+}
+
+/// The site of a run: one plant per prepared folder, the round plan of `s`, and the
+/// coordinator settings only some coordinators support.
+fn site_spec(s: &Settings, dir: &Path, data: &PreparedData) -> Result<SiteSpec> {
+    let extra = coordinator_entries(s).map_err(|p| anyhow!(p.join("; ")))?;
+    let plants: Vec<PlantSpec> = data
+        .plants
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PlantSpec {
+            id: p.id.clone(),
+            data_root: p.root.clone(),
+            // Empty: every group of the plant's own trainval.txt.
+            groups: Vec::new(),
+            validation_fraction: 0.0,
+            seed: s.seed + i as u64,
+        })
+        .collect();
+    let n = plants.len() as u32;
+    let target = participants(n, s.federation.participation);
+    let m = &s.model;
+    let f = &s.federation;
+    Ok(SiteSpec {
+        root: dir.join("site"),
+        plants,
+        arch: ArchConfig {
+            fpn_width: m.fpn_width,
+            head_width: m.head_width,
+            ..SiteSpec::deeppcb_arch(m.input_size, m.width)
+        },
+        crop_size: m.crop_size,
+        round: RoundSpec {
+            rounds: u64::from(f.rounds),
+            min_participants: target.min(2),
+            target_participants: target,
+            deadline_secs: f.deadline_secs,
+            local_epochs: f.local_epochs,
+            learning_rate: f.learning_rate,
+            fedprox_mu: f.fedprox_mu,
+            batch_size: f.batch_size,
+            codec: s.codec(),
+        },
+        device: s.compute.device.clone(),
+        plant_threads: s.compute.plant_threads,
+        warmup_steps: f.warmup_steps,
+        seed: s.seed,
+        coordinator_extra: extra,
+    })
+}
+
+/// Runs the federation's rounds; returns each round's record, the initial model and the
+/// processes' peak memory. Every published version is exported into `site/models` and
+/// checked on the way.
+fn federate(
+    spec: SiteSpec,
+    bins: &Binaries,
+    interrupt: &Interrupt,
+    clock: &Clock,
+    s: &Settings,
+) -> Result<(Vec<RoundDetailView>, ModelState, ProcessMemory)> {
+    let site = Site::create(spec)?;
+    let pinned = VerifyingKey::load(&site.pki.coordinator_verifying_key())?;
+    let models = site.models();
+    let plant_count = site.spec.plants.len();
+    clock.say(format!(
+        "starting the coordinator and {plant_count} plants on {} (mutual TLS); logs in {}",
+        site.address,
+        site.logs().display()
+    ));
+    let mut fed = Federation::start(site, bins.clone(), interrupt.clone())?;
+    fed.wait_for("the plants to register", REGISTER_WAIT, |f| {
+        Ok((f.plants()?.len() >= plant_count).then_some(()))
+    })?;
+    clock.say("every plant registered");
+    let initial = export_version(&mut fed, 1, &models, &pinned)?;
+    let round_wait = Duration::from_secs(s.federation.deadline_secs + 120);
+    let mut details = Vec::new();
+    for round in 1..=u64::from(s.federation.rounds) {
+        let detail = fed.wait_for_round(round, round_wait, &mut round_watcher(round, clock))?;
+        if detail.round.state == "published" {
+            let version = detail.round.published_version;
+            export_version(&mut fed, version, &models, &pinned)?;
+            clock.say(format!(
+                "round {round}: version {version} published ({} participants)",
+                detail.round.participants
+            ));
+        } else {
+            clock.say(format!("round {round} failed: {}", detail.round.failure));
+        }
+        details.push(detail);
+    }
+    let memory = ProcessMemory {
+        coordinator: peak_rss(fed.coordinator_pid()),
+        plants: fed
+            .site()
+            .plant_ids()
+            .into_iter()
+            .filter_map(|id| Some((id.clone(), peak_rss(fed.plant_pid(&id)?)?)))
+            .collect(),
+    };
+    for (name, status) in fed.stop(STOP_GRACE) {
+        if !status.success() {
+            clock.say(format!("warning: {name} ended with {}", describe(status)));
+        }
+    }
+    Ok((details, initial, memory))
+}
+
+fn score_round(
+    sets: &EvalSets,
+    detail: &RoundDetailView,
+    models: &Path,
+    clock: &Clock,
+) -> Result<FederatedRound> {
+    let published = detail.round.state == "published";
+    let (hash, scores) = if published {
+        let version = detail.round.published_version;
+        let path = models.join(format!("v{version:04}.safetensors"));
+        let (model, _) = ModelState::load_safetensors(&path)?;
+        let scores = sets.score(&model)?;
+        clock.say(format!(
+            "  federated round {}: global map_33 {:.3} map_50 {:.3}",
+            detail.round.round, scores.global.map_33, scores.global.map_50
+        ));
+        (Some(model.content_hash().to_hex()), Some(scores))
+    } else {
+        (None, None)
+    };
+    let row = RoundRow::new(detail, hash.clone(), None);
+    Ok(FederatedRound {
+        round: row.round,
+        version: row.version,
+        model_hash: hash,
+        participants: row.participants,
+        bytes_up: row.bytes_up,
+        bytes_down: row.bytes_down,
+        seconds: row.seconds,
+        train_seconds: row.train_seconds,
+        scores,
+        failure: row.failure,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn centralised(
+    s: &Settings,
+    data: &PreparedData,
+    arch: &ArchConfig,
+    device: Device,
+    initial: &ModelState,
+    sets: &EvalSets,
+    interrupt: &Interrupt,
+    clock: &Clock,
+) -> Result<Vec<BaselineRound>> {
+    let mut trainer = BaselineTrainer::new(
+        &data.source,
+        s,
+        arch,
+        device,
+        s.seed,
+        initial.clone(),
+        interrupt.clone(),
+    )?;
+    clock.say(format!(
+        "centralised baseline: {} training images (the union of the plants'), {} rounds of {} epoch(s)",
+        trainer.num_samples(),
+        s.federation.rounds,
+        s.federation.local_epochs
+    ));
+    let mut out = Vec::new();
+    for round in 1..=u64::from(s.federation.rounds) {
+        let scores = sets.score(trainer.round()?)?;
+        clock.say(format!(
+            "  centralised round {round}: global map_33 {:.3} map_50 {:.3}",
+            scores.global.map_33, scores.global.map_50
+        ));
+        out.push(BaselineRound { round, scores });
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn local_only(
+    s: &Settings,
+    data: &PreparedData,
+    arch: &ArchConfig,
+    device: Device,
+    initial: &ModelState,
+    sets: &EvalSets,
+    interrupt: &Interrupt,
+    clock: &Clock,
+) -> Result<Vec<LocalOnlyRound>> {
+    let rounds = u64::from(s.federation.rounds);
+    let mut by_round: Vec<BTreeMap<String, ModelScores>> = vec![BTreeMap::new(); rounds as usize];
+    for (i, p) in data.plants.iter().enumerate() {
+        // The plant's own training seed, as in the federation.
+        let mut trainer = BaselineTrainer::new(
+            &p.root,
+            s,
+            arch,
+            device,
+            s.seed + i as u64,
+            initial.clone(),
+            interrupt.clone(),
+        )?;
+        for round in 1..=rounds {
+            let scores = sets.score_for_plant(trainer.round()?, &p.id)?;
+            by_round[round as usize - 1].insert(p.id.clone(), scores);
+        }
+        let last = &by_round[rounds as usize - 1][&p.id];
+        clock.say(format!(
+            "local-only {}: after {rounds} rounds global map_33 {:.3}, own {}",
+            p.id,
+            last.global.map_33,
+            last.plants
+                .get(&p.id)
+                .map_or("-".into(), |m| format!("{:.3}", m.map_33))
+        ));
+    }
+    Ok(by_round
+        .into_iter()
+        .enumerate()
+        .map(|(i, by_plant)| {
+            let globals: Vec<_> = by_plant.values().map(|s| s.global).collect();
+            let unseen: Vec<_> = by_plant.values().filter_map(|s| s.unseen).collect();
+            LocalOnlyRound {
+                round: i as u64 + 1,
+                mean_global: mean(&globals),
+                mean_unseen: (!unseen.is_empty()).then(|| mean(&unseen)),
+                own: by_plant
+                    .iter()
+                    .filter_map(|(id, s)| Some((id.clone(), *s.plants.get(id)?)))
+                    .collect(),
+                by_plant,
+            }
+        })
+        .collect())
+}
+
+fn device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
+        "cuda" => {
+            return Err(anyhow!(
+                "compute.device = \"cuda\" but LibTorch sees no CUDA device; use auto or cpu"
+            ))
+        }
+        _ => auto_device(),
+    })
+}

@@ -1,0 +1,248 @@
+//! Each plant's data for one run, as the real client reads it: a DeepPCB-layout folder per
+//! plant with its own `trainval.txt` and `test.txt` (its share of the source's split files,
+//! chosen by a [`partition`] function) and links to the source's board-group folders, so no
+//! image is copied. The source is a DeepPCB `PCBData` folder or generated synthetic plants
+//! (cached under the output's `data/`, keyed by everything that shapes them).
+//!
+//! ```text
+//! RUN/plant-data/<plant>/   trainval.txt, test.txt, groupNNNNN -> SOURCE/groupNNNNN
+//! RUN/plant-data/unseen/    test.txt of the test boards of groups no plant trains on
+//! ```
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use fedinspect_client::data::deeppcb::parse_annotations;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::experiment::{Settings, Source, SplitKind};
+use crate::partition::{self, Partition};
+use crate::synthetic;
+
+/// One line of a split file and what the partitioners need to know of it.
+#[derive(Clone, Debug)]
+pub struct SplitLine {
+    pub line: String,
+    /// The first path component, e.g. `group00041`.
+    pub group: String,
+    /// The image's most frequent defect class (0 when it has none).
+    pub class: usize,
+}
+
+/// One plant's prepared data.
+#[derive(Clone, Debug)]
+pub struct PlantFolder {
+    pub id: String,
+    /// A DeepPCB-layout folder: the plant's `plant.toml` names it with every group.
+    pub root: PathBuf,
+    /// The board groups its images come from.
+    pub groups: Vec<String>,
+    pub train_images: usize,
+    pub test_images: usize,
+}
+
+/// A run's data.
+#[derive(Clone, Debug)]
+pub struct PreparedData {
+    /// The source folder: its `test.txt` is the held-out global test set and its
+    /// `trainval.txt` the union of the plants' training data.
+    pub source: PathBuf,
+    pub plants: Vec<PlantFolder>,
+    /// Test boards of groups no plant trains on (DeepPCB's four test-only boards).
+    pub unseen_test: Option<PathBuf>,
+    /// Mean total variation distance of the plants' class mixes from the overall mix.
+    pub class_skew: f64,
+}
+
+/// Prepares the source (`data_cache` holds generated synthetic data) and the plants'
+/// folders under `run_dir/plant-data`.
+pub fn prepare(s: &Settings, data_cache: &Path, run_dir: &Path) -> Result<PreparedData> {
+    let source = match s.data.source {
+        Source::Deeppcb => {
+            let root = s.data.path.as_ref().expect("checked when parsed");
+            if !root.join("trainval.txt").is_file() || !root.join("test.txt").is_file() {
+                bail!(
+                    "{} is not a DeepPCB PCBData folder (no trainval.txt and test.txt); pass the folder that holds them",
+                    root.display()
+                );
+            }
+            fs::canonicalize(root)?
+        }
+        Source::Synthetic => synthetic_source(s, data_cache)?,
+    };
+    let train = read_split(&source, "trainval.txt")?;
+    let test = read_split(&source, "test.txt")?;
+    let plants = s.data.plants as usize;
+    let train_groups: Vec<String> = train.iter().map(|l| l.group.clone()).collect();
+    let classes: Vec<usize> = train.iter().map(|l| l.class).collect();
+    let (train_parts, test_parts): (Partition, Partition) = match s.data.split {
+        SplitKind::Group => {
+            let (parts, names) = partition::by_group(&train_groups, plants)?;
+            let test_parts = names
+                .iter()
+                .map(|gs| {
+                    (0..test.len())
+                        .filter(|&i| gs.contains(&test[i].group))
+                        .collect()
+                })
+                .collect();
+            (parts, test_parts)
+        }
+        SplitKind::Dirichlet => {
+            let (parts, shares) = partition::dirichlet(&classes, plants, s.data.alpha, s.seed)?;
+            let test_classes: Vec<usize> = test.iter().map(|l| l.class).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(s.seed ^ 0x7e57);
+            let test_parts = partition::by_class_shares(&test_classes, &shares, &mut rng);
+            (parts, test_parts)
+        }
+        SplitKind::Iid => {
+            let parts = partition::iid(train.len(), plants, s.seed)?;
+            let test_parts = if test.len() >= plants {
+                partition::iid(test.len(), plants, s.seed ^ 0x7e57).unwrap_or_default()
+            } else {
+                vec![Vec::new(); plants]
+            };
+            (parts, test_parts)
+        }
+    };
+    let class_skew = partition::class_skew(&classes, &train_parts);
+    let base = run_dir.join("plant-data");
+    if base.exists() {
+        fs::remove_dir_all(&base)
+            .with_context(|| format!("cannot remove {} of an earlier run", base.display()))?;
+    }
+    let width = plants.to_string().len().max(2);
+    let mut folders = Vec::with_capacity(plants);
+    for (p, (tr, te)) in train_parts.iter().zip(&test_parts).enumerate() {
+        let id = format!("plant-{:0width$}", p + 1);
+        let root = base.join(&id);
+        let train_lines: Vec<&SplitLine> = tr.iter().map(|&i| &train[i]).collect();
+        let test_lines: Vec<&SplitLine> = te.iter().map(|&i| &test[i]).collect();
+        write_folder(&source, &root, &train_lines, &test_lines)?;
+        let groups: BTreeSet<&String> = train_lines.iter().map(|l| &l.group).collect();
+        folders.push(PlantFolder {
+            id,
+            root,
+            groups: groups.into_iter().cloned().collect(),
+            train_images: train_lines.len(),
+            test_images: test_lines.len(),
+        });
+    }
+    let trained: BTreeSet<&String> = train_groups.iter().collect();
+    let unseen: Vec<&SplitLine> = test
+        .iter()
+        .filter(|l| !trained.contains(&l.group))
+        .collect();
+    let unseen_test = if unseen.is_empty() {
+        None
+    } else {
+        let root = base.join("unseen");
+        write_folder(&source, &root, &[], &unseen)?;
+        Some(root)
+    };
+    Ok(PreparedData {
+        source,
+        plants: folders,
+        unseen_test,
+        class_skew,
+    })
+}
+
+/// The synthetic plants of `s`, generated once into `cache` (a folder named by every
+/// setting that shapes them).
+fn synthetic_source(s: &Settings, cache: &Path) -> Result<PathBuf> {
+    let d = &s.data;
+    let root = cache.join(format!(
+        "synthetic-{}plants-{}px-{}train-{}test-alpha{}-skew{}-seed{}",
+        d.plants, d.image_size, d.train_per_plant, d.test_per_plant, d.alpha, d.size_skew, s.seed
+    ));
+    let done = root.join(".complete");
+    if done.exists() {
+        return Ok(fs::canonicalize(&root)?);
+    }
+    if root.exists() {
+        fs::remove_dir_all(&root)?;
+    }
+    let train = synthetic::skewed_counts(
+        d.plants,
+        d.train_per_plant,
+        d.size_skew,
+        partition::MIN_ITEMS,
+    );
+    let counts: Vec<(usize, usize)> = train.into_iter().map(|t| (t, d.test_per_plant)).collect();
+    println!(
+        "generating {} synthetic plants ({} training boards in all, {} test boards each, {} px) in {}",
+        d.plants,
+        counts.iter().map(|c| c.0).sum::<usize>(),
+        d.test_per_plant,
+        d.image_size,
+        root.display()
+    );
+    synthetic::write_dataset(&root, &counts, d.image_size, d.alpha, s.seed)
+        .with_context(|| format!("cannot write synthetic plants into {}", root.display()))?;
+    fs::write(&done, b"")?;
+    Ok(fs::canonicalize(&root)?)
+}
+
+/// The lines of `root/file` with each image's group and dominant class.
+pub fn read_split(root: &Path, file: &str) -> Result<Vec<SplitLine>> {
+    let path = root.join(file);
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut parts = line.split_whitespace();
+        let (Some(image), Some(ann)) = (parts.next(), parts.next()) else {
+            bail!(
+                "{}: '{line}' is not an 'image annotation' line",
+                path.display()
+            );
+        };
+        let group = image.split('/').next().unwrap_or(image).to_string();
+        let ann_path = root.join(ann);
+        let ann_text = fs::read_to_string(&ann_path).unwrap_or_default();
+        let (annotations, _) = parse_annotations(&ann_text, &ann_path);
+        let mut counts = [0usize; 6];
+        for a in &annotations {
+            if let Some(c) = counts.get_mut(a.class as usize) {
+                *c += 1;
+            }
+        }
+        let class = (0..counts.len())
+            .max_by_key(|&c| (counts[c], std::cmp::Reverse(c)))
+            .filter(|&c| counts[c] > 0)
+            .unwrap_or(0);
+        out.push(SplitLine {
+            line: line.trim().to_string(),
+            group,
+            class,
+        });
+    }
+    Ok(out)
+}
+
+/// A DeepPCB-layout folder listing `train` and `test` with links to their groups' folders.
+fn write_folder(
+    source: &Path,
+    root: &Path,
+    train: &[&SplitLine],
+    test: &[&SplitLine],
+) -> Result<()> {
+    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let groups: BTreeSet<&String> = train.iter().chain(test).map(|l| &l.group).collect();
+    for g in groups {
+        std::os::unix::fs::symlink(source.join(g), root.join(g))
+            .with_context(|| format!("cannot link {} into {}", g, root.display()))?;
+    }
+    let lines = |ls: &[&SplitLine]| {
+        ls.iter()
+            .map(|l| format!("{}\n", l.line))
+            .collect::<String>()
+    };
+    fs::write(root.join("trainval.txt"), lines(train))?;
+    fs::write(root.join("test.txt"), lines(test))?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! `simulate run` end to end on the tiny experiment (3 synthetic plants, 2 rounds, 64 px
+//! boards, a detector of width 0.25): real coordinator and plant processes over mutual TLS,
+//! both baselines, and every output file. The numbers are checked against the coordinator:
+//! each round's version, model hash and signed metadata as the Admin service exported them,
+//! the published versions recomputed as the canonical FedAvg of the stored updates, and the
+//! bytes up as the sum of the stored updates' payloads.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+
+use fedinspect_simulations::interrupt::Interrupt;
+use fedinspect_simulations::simulate_run::{self, RunOptions};
+use serde_json::Value;
+
+#[test]
+fn the_tiny_experiment_writes_consistent_reports() {
+    let bins = support::binaries_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let experiment = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tiny.toml");
+    let out = dir.path().join("out");
+    let runs = simulate_run::run(
+        &RunOptions {
+            experiment,
+            data: None,
+            out: Some(out.clone()),
+            binaries: Some(bins),
+        },
+        Interrupt::none(),
+    )
+    .expect("the tiny experiment runs");
+    assert_eq!(runs.len(), 1);
+    let m = &runs[0];
+    let run_dir = out.join("runs").join(&m.label);
+
+    for file in [
+        "summary.csv",
+        "report.md",
+        "bytes_vs_map33.png",
+        "bytes_vs_map33.svg",
+    ] {
+        assert!(
+            out.join(file).is_file(),
+            "{file} missing at the output root"
+        );
+    }
+    for stem in [
+        "map33_vs_round",
+        "map50_vs_round",
+        "per_plant_map33",
+        "bytes_vs_map33",
+    ] {
+        let png = image::open(run_dir.join(format!("{stem}.png"))).expect("a readable PNG");
+        assert_eq!((png.width(), png.height()), (720, 420), "{stem}.png");
+        let svg = fs::read_to_string(run_dir.join(format!("{stem}.svg"))).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{stem}.svg"
+        );
+    }
+    let report = fs::read_to_string(run_dir.join("report.md")).unwrap();
+    assert!(
+        report.contains("map33_vs_round.png") && report.contains("[federation]"),
+        "{report}"
+    );
+
+    // The federation: two published rounds, as the coordinator recorded them.
+    assert_eq!(m.plants.len(), 3);
+    assert_eq!(m.federated.len(), 2);
+    let site = run_dir.join("site");
+    let updates = support::check_published_versions(&site, 2);
+    for r in &m.federated {
+        assert_eq!(r.version, Some(r.round + 1), "round {}", r.round);
+        let admin: Value = serde_json::from_slice(
+            &fs::read(site.join(format!("models/v{:04}.json", r.round + 1))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.model_hash.as_deref(),
+            admin["content_hash"].as_str(),
+            "round {}'s hash differs from the coordinator's",
+            r.round
+        );
+        let stored: u64 = updates[&r.round].iter().map(|u| u.payload_bytes).sum();
+        assert_eq!(r.bytes_up, stored, "round {}'s bytes up", r.round);
+        assert_eq!(r.participants, 3);
+        assert!(r.bytes_down > 0);
+        let s = r.scores.as_ref().expect("a published round is scored");
+        assert_eq!(s.plants.len(), 3, "every plant's own test set");
+    }
+
+    // Scale figures: every plant process's peak memory (Linux) and the round rate.
+    assert!(m.rounds_per_hour > 0.0);
+    if cfg!(target_os = "linux") {
+        assert_eq!(m.memory.plants.len(), 3, "{:?}", m.memory);
+        assert!(
+            m.memory.plants.values().all(|&b| b > 10 << 20),
+            "{:?}",
+            m.memory
+        );
+        assert!(m.memory.coordinator.is_some());
+    }
+
+    // Baselines with the same number of rounds, every mAP a probability.
+    assert_eq!(m.centralised.len(), 2);
+    assert_eq!(m.local_only.len(), 2);
+    assert_eq!(m.local_only[1].own.len(), 3);
+    let json: Value =
+        serde_json::from_slice(&fs::read(run_dir.join("metrics.json")).unwrap()).unwrap();
+    let mut maps = Vec::new();
+    collect_maps(&json, &mut maps);
+    assert!(maps.len() > 40, "{} mAP values", maps.len());
+    assert!(maps.iter().all(|v| (0.0..=1.0).contains(v)), "{maps:?}");
+
+    // The CSV files say what metrics.json says.
+    let fed_csv = fs::read_to_string(run_dir.join("federation_rounds.csv")).unwrap();
+    let rows: Vec<&str> = fed_csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{fed_csv}");
+    let last: Vec<&str> = rows[2].split(',').collect();
+    assert_eq!(last[1], "3");
+    assert_eq!(Some(last[2]), m.federated[1].model_hash.as_deref());
+    let total: u64 = m.federated.iter().map(|r| r.bytes_up).sum();
+    assert_eq!(last[6], total.to_string());
+    let final_map: f64 = last[9].parse().unwrap();
+    assert!((final_map - m.final_federated().unwrap().map_33).abs() < 1e-6);
+    let map_csv = fs::read_to_string(run_dir.join("map_by_round.csv")).unwrap();
+    // 3 methods x rounds 0..=2 x (global + 3 plants).
+    assert_eq!(map_csv.lines().count(), 1 + 3 * 3 * 4, "{map_csv}");
+    let summary = fs::read_to_string(out.join("summary.csv")).unwrap();
+    assert_eq!(summary.lines().count(), 2, "{summary}");
+    assert!(summary.lines().nth(1).unwrap().starts_with(&m.label));
+}
+
+/// Every number under a `map_33` or `map_50` key.
+fn collect_maps(v: &Value, out: &mut Vec<f64>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                if k == "map_33" || k == "map_50" {
+                    out.extend(x.as_f64());
+                } else {
+                    collect_maps(x, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_maps(x, out)),
+        _ => {}
+    }
+}
