@@ -144,6 +144,20 @@ async fn federation_rpcs(ch: Channel) -> Vec<Outcome> {
             .await
             .map(drop),
         ),
+        (
+            "report_calibration",
+            c.report_calibration(pb::ReportCalibrationRequest {
+                protocol_version: v,
+                round: 1,
+                ranges: vec![pb::ActivationRange {
+                    node: "stem.conv".into(),
+                    min: -1.0,
+                    max: 1.0,
+                }],
+            })
+            .await
+            .map(drop),
+        ),
     ]
 }
 

@@ -350,9 +350,12 @@ impl Federation for FederationService {
         let who = auth::caller(&request, Role::Plant)
             .map_err(|e| self.refuse(&auth::actor(&request), "report_calibration", e))?;
         let actor = format!("plant:{}", who.id);
-        let push = bundles::push(&self.hub)?;
+        // The plant first: a revoked plant is refused and audited whether or not this
+        // coordinator builds bundles.
         self.registered_plant(&who.id)
-            .and_then(|_| bundles::calibration(&push, &self.hub, &who.id, request.into_inner()))
+            .map_err(|e| self.refuse(&actor, "report_calibration", e))?;
+        let push = bundles::push(&self.hub)?;
+        bundles::calibration(&push, &self.hub, &who.id, request.into_inner())
             .map(|()| Response::new(pb::ReportCalibrationResponse {}))
             .map_err(|e| self.refuse(&actor, "report_calibration", e))
     }
