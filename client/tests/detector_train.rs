@@ -80,13 +80,7 @@ fn callback_can_cancel_and_the_state_is_still_checkpointed() {
     let mut det = tiny_detector(1);
     let mut data = FixedBatches(vec![rectangles(2, 2, 64, 1, 2, 1)]);
     let cfg = TrainConfig {
-        checkpoint: Some(CheckpointPolicy {
-            path: path.clone(),
-            every_epochs: 1,
-            preprocess: None,
-            recipe: None,
-            final_write: FinalWrite::default(),
-        }),
+        checkpoint: Some(every_epoch(path.clone(), FinalWrite::default())),
         ..config(Stop::Epochs(100))
     };
     let report = train(&mut det, &mut data, &cfg, &mut |p| {
@@ -115,13 +109,7 @@ fn resumes_from_a_checkpoint_epoch() {
     let path = dir.path().join("ckpt.safetensors");
     let mut det = tiny_detector(2);
     let mut data = FixedBatches(vec![rectangles(2, 2, 64, 1, 2, 2)]);
-    let policy = CheckpointPolicy {
-        path: path.clone(),
-        every_epochs: 1,
-        preprocess: None,
-        recipe: None,
-        final_write: FinalWrite::default(),
-    };
+    let policy = every_epoch(path.clone(), FinalWrite::default());
     let cfg = TrainConfig {
         checkpoint: Some(policy.clone()),
         ..config(Stop::Epochs(2))
@@ -288,13 +276,7 @@ fn assert_resume_is_exact(stop: Stop, n: u64, resumed_stop: Stop) {
     let mut first = tiny_detector(21);
     first.load_state(&start).unwrap();
     let with_checkpoint = TrainConfig {
-        checkpoint: Some(CheckpointPolicy {
-            path: path.clone(),
-            every_epochs: 1,
-            preprocess: None,
-            recipe: None,
-            final_write: FinalWrite::default(),
-        }),
+        checkpoint: Some(every_epoch(path.clone(), FinalWrite::default())),
         ..base.clone()
     };
     let mut lrs = run_collecting_lr(&mut first, &with_checkpoint, Some(n));
@@ -361,13 +343,7 @@ fn optimizer_state_of_another_architecture_is_refused() {
     let path = dir.path().join("ckpt.safetensors");
     let mut det = tiny_detector(6);
     let cfg = TrainConfig {
-        checkpoint: Some(CheckpointPolicy {
-            path: path.clone(),
-            every_epochs: 1,
-            preprocess: None,
-            recipe: None,
-            final_write: FinalWrite::default(),
-        }),
+        checkpoint: Some(every_epoch(path.clone(), FinalWrite::default())),
         ..config(Stop::Steps(1))
     };
     train(&mut det, &mut two_batches(), &cfg, &mut |_| {
@@ -415,16 +391,13 @@ fn refused_checkpoint_writes_do_not_stop_training_and_the_final_one_says_why() {
     let mut det = tiny_detector(3);
     let mut data = FixedBatches(vec![rectangles(2, 2, 64, 1, 2, 3)]);
     let cfg = TrainConfig {
-        checkpoint: Some(CheckpointPolicy {
-            path: path.clone(),
-            every_epochs: 1,
-            preprocess: None,
-            recipe: None,
-            final_write: FinalWrite {
+        checkpoint: Some(every_epoch(
+            path.clone(),
+            FinalWrite {
                 attempts: 2,
                 wait: Duration::from_millis(10),
             },
-        }),
+        )),
         ..config(Stop::Epochs(3))
     };
     let mut steps = 0;
@@ -452,16 +425,13 @@ fn the_final_checkpoint_is_written_once_the_disk_takes_it_again() {
     let mut det = tiny_detector(4);
     let mut data = FixedBatches(vec![rectangles(2, 2, 64, 1, 2, 4)]);
     let cfg = TrainConfig {
-        checkpoint: Some(CheckpointPolicy {
-            path: path.clone(),
-            every_epochs: 1,
-            preprocess: None,
-            recipe: None,
-            final_write: FinalWrite {
+        checkpoint: Some(every_epoch(
+            path.clone(),
+            FinalWrite {
                 attempts: 50,
                 wait: Duration::from_millis(200),
             },
-        }),
+        )),
         ..config(Stop::Epochs(2))
     };
     // Space returns (the blocker goes) a moment after the last step: the epoch checkpoint and
@@ -493,4 +463,15 @@ fn the_final_checkpoint_is_written_once_the_disk_takes_it_again() {
         det.state().unwrap().content_hash(),
         "the checkpoint holds the trained state"
     );
+}
+
+/// A checkpoint after every epoch to `path`, no preprocessing or recipe recorded.
+fn every_epoch(path: std::path::PathBuf, final_write: FinalWrite) -> CheckpointPolicy {
+    CheckpointPolicy {
+        path,
+        every_epochs: 1,
+        preprocess: None,
+        recipe: None,
+        final_write,
+    }
 }
