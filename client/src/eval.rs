@@ -10,6 +10,10 @@ pub mod draw;
 pub mod export;
 pub mod font;
 pub mod map;
+pub mod onnx;
+pub mod onnx_bench;
+pub mod onnx_calibration;
+pub mod onnx_eval;
 pub mod plot;
 
 use std::collections::BTreeMap;

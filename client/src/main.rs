@@ -41,6 +41,10 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Installed inference bundles: install, rollback, show, triton (see docs/bundles.md).
     Bundle(cli::bundle::BundleArgs),
+    /// Write a checkpoint's ONNX files: FP32 and, with --int8, calibrated INT8 QDQ.
+    Export(cli::export::ExportArgs),
+    /// Evaluate an ONNX model with onnxruntime on the DeepPCB test split (scored like eval).
+    EvalOnnx(cli::eval_onnx::EvalOnnxArgs),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +56,8 @@ fn main() -> Result<()> {
         Command::Detect(args) => cli::infer::detect(&args),
         Command::Bundle(args) => cli::bundle::run(&args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Export(args) => cli::export::run(&args),
+        Command::EvalOnnx(args) => cli::eval_onnx::run(&args),
     }
 }
 

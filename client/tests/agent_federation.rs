@@ -53,6 +53,7 @@ async fn three_agents_federate_two_rounds_into_the_canonical_fedavg() {
         let config = site.plant(i, &address, "");
         let mut agent = Agent::build(config).unwrap().with_faults(Faults {
             lose_first_ack: i == 1,
+            ..Faults::default()
         });
         events.push(agent.events());
         agents.push(tokio::spawn(agent.run(stopped.clone())));
@@ -166,8 +167,9 @@ async fn three_agents_federate_two_rounds_into_the_canonical_fedavg() {
         assert_ne!(published, base, "round {r} changed the model");
     }
 
-    // plant-1 lost the acknowledgement of its round-1 upload: it sent the same update again
-    // after reconnecting, the coordinator answered "duplicate", and counted it once.
+    // plant-1 lost the acknowledgement of its round-1 upload: after reconnecting it asked
+    // UploadStatus for the same update id, learnt it was accepted (reported as a duplicate),
+    // and the coordinator counted it once.
     let plant1_round1 = store.update_for(1, "plant-1").unwrap().unwrap();
     let delivered: Vec<(u64, [u8; 16], bool)> = events[0]
         .iter()
@@ -233,6 +235,7 @@ async fn a_pending_update_survives_a_restart_and_is_counted_once() {
         .unwrap()
         .with_faults(Faults {
             lose_first_ack: true,
+            ..Faults::default()
         });
     let mut events = agent.events();
     let (stop, stopped) = watch::channel(false);
@@ -357,17 +360,17 @@ async fn the_coordinator_checks_update_signatures_against_the_registered_plant_k
     // Signed by another key, or a field changed after signing: refused.
     let other = SigningKey::generate().unwrap();
     header.plant_signature = sign(&header, &other);
-    let err = conn.upload(&header, payload.clone()).await.unwrap_err();
+    let err = conn.upload(&header, payload.clone(), 0).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
     assert!(err.to_string().contains("plant signature"), "{err}");
     header.plant_signature = sign(&header, &config.signing_key);
     header.num_samples = 600;
-    let err = conn.upload(&header, payload.clone()).await.unwrap_err();
+    let err = conn.upload(&header, payload.clone(), 0).await.unwrap_err();
     assert!(err.to_string().contains("plant signature"), "{err}");
 
     // Signed by the registered key: accepted.
     header.num_samples = 6;
-    let ack = conn.upload(&header, payload).await.unwrap();
+    let ack = conn.upload(&header, payload, 0).await.unwrap();
     assert!(!ack.duplicate);
     running.stop(Duration::from_secs(10)).await.unwrap();
 }

@@ -65,6 +65,7 @@ pub struct RawRound {
     pub sample_fraction: Option<f64>,
     pub sample_seed: Option<u64>,
     pub keep_update_blobs_rounds: Option<u64>,
+    pub stream_idle_timeout_secs: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -80,6 +81,8 @@ pub struct RawLimits {
     pub max_samples_per_plant: Option<u64>,
     pub delta_norm_bound: Option<f64>,
     pub norm_action: Option<String>,
+    pub max_concurrent_uploads: Option<usize>,
+    pub max_concurrent_downloads: Option<usize>,
 }
 
 /// A checked configuration, ready to build a coordinator from.
@@ -129,6 +132,12 @@ pub struct RoundPolicy {
     /// The evaluation gate of promotion, from the `[promotion]` section (set by
     /// `Config::from_raw`, as `aggregation` is from `[aggregation]`); `None` without it.
     pub promotion_gate: Option<crate::gate::PromotionGate>,
+    /// A connection that answers no HTTP/2 ping for this long is closed, and an upload or
+    /// download on it fails; a TLS handshake must finish within it too, and an upload stream
+    /// that delivers no message for this long is refused as cut off
+    /// (`round.stream_idle_timeout_secs`, default 60). Here rather than in a section of its
+    /// own because it bounds how long a stalled plant can hold a round's upload open.
+    pub stream_idle_timeout: Duration,
 }
 
 /// Bounds on what one plant's update may be.
@@ -139,6 +148,12 @@ pub struct Limits {
     /// Largest accepted L2 norm of a decoded delta; `None` accepts any.
     pub delta_norm_bound: Option<f64>,
     pub norm_action: NormAction,
+    /// Upload streams read at once; more wait (their HTTP/2 flow-control window fills and
+    /// holds the plant back), so the coordinator's buffers are bounded by this, not by the
+    /// number of plants.
+    pub max_concurrent_uploads: usize,
+    /// Model downloads streamed at once; more wait before their first chunk is read.
+    pub max_concurrent_downloads: usize,
 }
 
 /// What happens to a delta whose L2 norm exceeds the bound.
@@ -185,6 +200,7 @@ impl Default for RoundPolicy {
             sample_seed: 0,
             keep_update_blobs_rounds: None,
             promotion_gate: None,
+            stream_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -196,6 +212,8 @@ impl Default for Limits {
             max_samples_per_plant: 10_000_000,
             delta_norm_bound: None,
             norm_action: NormAction::Reject,
+            max_concurrent_uploads: 32,
+            max_concurrent_downloads: 32,
         }
     }
 }
@@ -373,7 +391,16 @@ fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
                 .into(),
         );
     }
+    let stream_idle_secs = raw
+        .stream_idle_timeout_secs
+        .unwrap_or(d.stream_idle_timeout.as_secs());
+    if stream_idle_secs < 2 {
+        p.push(format!(
+            "round.stream_idle_timeout_secs: {stream_idle_secs} is below 2 (the keepalive ping is sent every half of it)"
+        ));
+    }
     RoundPolicy {
+        stream_idle_timeout: Duration::from_secs(stream_idle_secs),
         sample_fraction,
         sample_seed: raw.sample_seed.unwrap_or(d.sample_seed),
         keep_update_blobs_rounds: raw.keep_update_blobs_rounds,
@@ -435,11 +462,25 @@ fn limits(raw: RawLimits, p: &mut Problems) -> Limits {
             NormAction::Reject
         }
     };
+    let max_concurrent_uploads = raw
+        .max_concurrent_uploads
+        .unwrap_or(d.max_concurrent_uploads);
+    if max_concurrent_uploads == 0 {
+        p.push("limits.max_concurrent_uploads: must be at least 1".into());
+    }
+    let max_concurrent_downloads = raw
+        .max_concurrent_downloads
+        .unwrap_or(d.max_concurrent_downloads);
+    if max_concurrent_downloads == 0 {
+        p.push("limits.max_concurrent_downloads: must be at least 1".into());
+    }
     Limits {
         max_update_bytes,
         max_samples_per_plant,
         delta_norm_bound,
         norm_action,
+        max_concurrent_uploads,
+        max_concurrent_downloads,
     }
 }
 

@@ -73,8 +73,12 @@ pub enum CoreError {
         expected: u64,
         codec: Codec,
     },
-    #[error("resuming an upload at byte {0} is not supported; this coordinator keeps no partial uploads, send the update again from byte 0")]
-    ResumeUnsupported(u64),
+    #[error("update {id} cannot resume at byte {sent}: the coordinator holds {durable} durable bytes of it; ask UploadStatus and resume at byte {durable}, or send from byte 0")]
+    ResumeOffset { id: String, sent: u64, durable: u64 },
+    #[error("update {id} was begun with another header (differs in: {fields}); a resumed upload sends the same header with only resume_offset changed, a new update needs a new update id")]
+    ResumeHeaderChanged { id: String, fields: String },
+    #[error("update {id} is being received on another stream right now; wait a moment, ask UploadStatus and resume")]
+    UploadInProgress { id: String },
     #[error("a chunk starts at byte {offset} but {expected} bytes were received; send the chunks in order without gaps")]
     ChunkOutOfOrder { offset: u64, expected: u64 },
     #[error("a chunk of {0} bytes is over the 1 MiB chunk limit; split the payload into chunks of at most 1 MiB")]
@@ -111,8 +115,13 @@ pub enum CoreError {
     Aggregation(#[from] FedAvgError),
     #[error("signing failed: {0}")]
     Signing(#[from] SigningError),
+    /// Built by `From<StorageError>` for a storage error that is none of the two below.
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
+    #[error("the coordinator's disk is full ({0}); nothing of this request was kept, retry later with the same update id; operators: free space under data_dir (docs/operations.md, \"Disk full\")")]
+    DiskFull(StorageError),
+    #[error("the coordinator's data directory is read-only ({0}); retry later; operators: remount data_dir read-write and restart the coordinator (docs/operations.md, \"Disk full\")")]
+    DataReadOnly(StorageError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -142,7 +151,9 @@ impl CoreError {
             ZeroSamples => "zero_samples",
             PayloadTooLarge { .. } => "payload_too_large",
             PayloadLength { .. } => "payload_length",
-            ResumeUnsupported(_) => "resume_unsupported",
+            ResumeOffset { .. } => "resume_offset",
+            ResumeHeaderChanged { .. } => "resume_header_changed",
+            UploadInProgress { .. } => "upload_in_progress",
             ChunkOutOfOrder { .. } => "chunk_out_of_order",
             ChunkTooLarge(_) => "chunk_too_large",
             PayloadOverrun { .. } => "payload_overrun",
@@ -161,8 +172,16 @@ impl CoreError {
             Aggregation(_) => "aggregation",
             Signing(_) => "signing",
             Storage(_) => "storage",
+            DiskFull(_) => "disk_full",
+            DataReadOnly(_) => "data_read_only",
             Internal(_) => "internal",
         }
+    }
+
+    /// Whether this is the disk refusing writes: the request may be retried once an operator
+    /// fixed it.
+    pub fn is_disk_problem(&self) -> bool {
+        matches!(self, CoreError::DiskFull(_) | CoreError::DataReadOnly(_))
     }
 
     /// A delta error from the decoder: a cut-off stream and a bad checksum are data loss,
@@ -172,5 +191,43 @@ impl CoreError {
             DeltaError::Truncated { got, expected } => CoreError::Truncated { got, expected },
             other => CoreError::BadDelta(other),
         }
+    }
+}
+
+/// A full or read-only disk gets its own variant (and gRPC code); other storage errors stay
+/// `Storage`.
+impl From<StorageError> for CoreError {
+    fn from(e: StorageError) -> Self {
+        use crate::storage::DiskProblem;
+        match e.disk_problem() {
+            Some(DiskProblem::Full) => CoreError::DiskFull(e),
+            Some(DiskProblem::ReadOnly) => CoreError::DataReadOnly(e),
+            None => CoreError::Storage(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_or_read_only_disk_is_named_as_such() {
+        let blob = |code| StorageError::Blob {
+            path: "/data/blobs/incoming/x.part".into(),
+            source: std::io::Error::from_raw_os_error(code),
+        };
+        let full = CoreError::from(blob(libc::ENOSPC));
+        assert!(matches!(full, CoreError::DiskFull(_)), "{full}");
+        assert!(full.to_string().contains("disk is full"), "{full}");
+        assert!(
+            full.to_string().contains("/data/blobs/incoming/x.part"),
+            "{full}"
+        );
+        let ro = CoreError::from(blob(libc::EROFS));
+        assert!(matches!(ro, CoreError::DataReadOnly(_)), "{ro}");
+        assert!(ro.to_string().contains("read-only"), "{ro}");
+        let other = CoreError::from(blob(libc::EACCES));
+        assert!(matches!(other, CoreError::Storage(_)), "{other}");
     }
 }

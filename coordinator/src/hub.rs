@@ -89,6 +89,10 @@ pub struct Hub {
     last_preview: Mutex<Option<PreviewCheck>>,
     /// Bundle builds and pushes, when `[bundles]` is configured (set once by `node`).
     pub bundles: std::sync::OnceLock<Arc<crate::bundle::push::BundlePush>>,
+    /// Permits for upload streams read at once (`limits.max_concurrent_uploads`).
+    pub upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Permits for model downloads streamed at once (`limits.max_concurrent_downloads`).
+    pub download_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl OpenRound {
@@ -139,7 +143,11 @@ impl Hub {
         signer: SigningKey,
         coordinator_id: String,
     ) -> Self {
+        let upload_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_uploads));
+        let download_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_downloads));
         Self {
+            upload_slots,
+            download_slots,
             store,
             blobs,
             policy,

@@ -5,8 +5,14 @@
 //! codec, finite values and the trailing checksum and feeds the round's running mean; at the
 //! end its length, SHA-256 and norm are checked, and only then is it fsynced, moved into the
 //! blob store, recorded, flushed and acknowledged ([`Receiving::finish`]).
+//!
+//! A stream that breaks leaves its received prefix durable (fsynced, checksummed, keyed by
+//! plant and update id, see `storage::partial`); a new stream of the same update resumes at
+//! that prefix (`resume`), and the whole payload is decoded and hashed again from byte 0, so
+//! nothing half-written is ever counted.
 
 mod payload;
+pub mod resume;
 mod settle;
 
 use std::collections::BTreeMap;
@@ -69,7 +75,7 @@ pub struct Receiving {
     header: UpdateHeader,
     round: Arc<OpenRound>,
     payload: PayloadTask,
-    /// Payload bytes received so far.
+    /// Payload bytes received so far, counting a resumed upload's durable prefix.
     received: u64,
 }
 
@@ -126,15 +132,17 @@ pub async fn admit(
     check_plant_signature(plant, &record.plant_public_key, &header)?;
     let round = hub.open_round().ok_or(CoreError::NoRoundOpen)?;
     check_against_round(hub, plant, &header, &round)?;
+    let start = resume::prepare(hub, plant, &header, &round).await?;
+    let received = start.mark.durable_bytes;
     let feed = round.feed(plant, header.num_samples);
-    let payload = PayloadTask::spawn(hub.blobs.clone(), round.clone(), feed);
+    let payload = PayloadTask::spawn(hub.blobs.clone(), round.clone(), feed, start);
     Ok(Admission::Fresh(Box::new(Receiving {
         hub: hub.clone(),
         plant: plant.to_string(),
         header,
         round,
         payload,
-        received: 0,
+        received,
     })))
 }
 
@@ -240,9 +248,6 @@ fn check_against_round(
             codec,
         });
     }
-    if h.resume_offset != 0 {
-        return Err(CoreError::ResumeUnsupported(h.resume_offset));
-    }
     Ok(())
 }
 
@@ -306,6 +311,7 @@ impl Receiving {
             }
         };
         let (stored, feed) = store_blob(incoming, feed, &round).await?;
+        crate::failpoint::hit(crate::failpoint::INTAKE_AFTER_FSYNC);
         let record = UpdateRecord {
             update_id: h.update_id,
             round: h.round,
@@ -346,6 +352,7 @@ async fn record_update(
         RecordOutcome::Inserted => {
             hub.hashed_at_intake(stored);
             hub.store.flush().await?;
+            crate::failpoint::hit(crate::failpoint::INTAKE_AFTER_FLUSH);
             Ok(Accepted {
                 record,
                 duplicate: false,
@@ -403,6 +410,7 @@ async fn store_blob(
 ) -> Result<(Digest, Option<Feed>), CoreError> {
     let round = round.clone();
     blocking(move || {
+        crate::failpoint::hit(crate::failpoint::INTAKE_BEFORE_FSYNC);
         if let Err(e) = incoming.sync() {
             if let Some(feed) = feed {
                 payload::take_out(feed, incoming.path(), &round);

@@ -145,15 +145,27 @@ enum BundleCmd {
 }
 
 fn main() -> Result<()> {
+    // Before the runtime starts threads that would each take an arena.
+    fedinspect_coordinator::malloc::limit_arenas();
     init_logging();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Serve { config } => runtime.block_on(serve(config)),
+        Command::Serve { config } => {
+            let served = runtime.block_on(serve(config));
+            // A blocking storage call that never returns (sled waits forever on a flush after a
+            // write error, e.g. a full disk) must not keep the process from exiting: what was
+            // acknowledged is durable already, and a restart recovers the rest.
+            runtime.shutdown_timeout(BLOCKING_EXIT_WAIT);
+            served
+        }
         Command::InitModel { config, from } => init_model(config, from),
         Command::Admin(args) => runtime.block_on(admin(args)),
     }
 }
+
+/// How long an exiting coordinator waits for blocking work (storage calls) still running.
+const BLOCKING_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -3,12 +3,14 @@
 //! model bytes sent, and time spent aggregating. The rpc handlers and the round driver bump
 //! them; `metrics::scrape` adds the gauges read from the hub at scrape time (connected plants,
 //! current round and its state, latest and promoted version) and `metrics::server` serves the
-//! text exposition format over plain HTTP when `[metrics] listen` is set.
+//! text exposition format over plain HTTP when `[metrics] listen` is set; `metrics::handshakes`
+//! counts refused TLS handshakes.
 //!
 //! Counters live in this process only: they start at zero at each start, as Prometheus
 //! expects of counters (it handles the reset); durable history is in sled.
 
 mod exposition;
+pub mod handshakes;
 pub mod scrape;
 pub mod server;
 
@@ -36,6 +38,8 @@ pub struct Metrics {
     aggregations: AtomicU64,
     aggregation_micros_total: AtomicU64,
     aggregation_micros_last: AtomicU64,
+    /// Refused and failed TLS handshakes (`metrics::handshakes`).
+    pub handshakes: handshakes::Handshakes,
 }
 
 /// The counters at one moment.

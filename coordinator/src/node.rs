@@ -1,18 +1,22 @@
 //! A coordinator built from its config ([`Coordinator::build`]: TLS, signing key, storage and
 //! the initial model, all checked before anything listens) and running
 //! ([`Coordinator::spawn`]: the gRPC server and the round driver, each a task with its span,
-//! stopped together by [`Running::stop`]).
+//! stopped together by [`Running::stop`]). TLS is accepted by our own acceptor
+//! (`node::accept`) so that refused client certificates reach the audit log
+//! (`node::refusal_audit`).
+
+mod accept;
+pub mod refusal_audit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fedinspect_common::signing::{SigningError, SigningKey};
-use fedinspect_common::tls::{Role, TlsError, TlsMaterial};
+use fedinspect_common::tls::{AuditedServerTls, Role, TlsError, TlsMaterial};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::ServerTlsConfig;
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -58,7 +62,7 @@ pub enum RunError {
 /// A coordinator ready to serve.
 pub struct Coordinator {
     hub: Arc<Hub>,
-    tls: ServerTlsConfig,
+    tls: AuditedServerTls,
     /// `[metrics] listen`, when set.
     metrics_listen: Option<SocketAddr>,
 }
@@ -70,6 +74,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     driver: Option<JoinHandle<Result<(), CoreError>>>,
+    /// The TLS acceptor and the task auditing its refusals; they stop on the shutdown signal.
+    accepting: Vec<JoinHandle<()>>,
     /// The Prometheus endpoint's address and task, when `[metrics] listen` is set.
     metrics: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
 }
@@ -93,7 +99,7 @@ impl Coordinator {
     /// when no version exists yet, and refuses to build without any model.
     pub fn build(config: &Config) -> Result<Self, BuildError> {
         let material = TlsMaterial::load(&config.tls, Role::Coordinator)?;
-        let tls = rpc::server_tls(material.tonic_pem());
+        let tls = material.audited_server_tls(&[b"h2"])?;
         let (store, blobs, signer) = open_storage(config)?;
         if store.latest_model().map_err(CoreError::from)?.is_none() {
             let path = config.initial_model.as_ref().ok_or(CoreError::NoModel)?;
@@ -137,8 +143,21 @@ impl Coordinator {
         let signal = async move {
             let _ = server_rx.wait_for(|stop| *stop).await;
         };
+        let idle = self.hub.policy.stream_idle_timeout;
+        let (refusals, refused) = tokio::sync::mpsc::channel(refusal_audit::QUEUE);
+        let acceptor = accept::Acceptor {
+            tls: self.tls,
+            handshake_timeout: idle,
+            refusals,
+            metrics: self.hub.metrics.clone(),
+        };
+        let (incoming, accepting) = acceptor.spawn(listener, rx.clone());
+        let auditing = tokio::spawn(
+            refusal_audit::run(self.hub.clone(), refused, rx.clone())
+                .instrument(tracing::info_span!("tls_refusals")),
+        );
         let server = tokio::spawn(
-            rpc::serve(self.hub.clone(), self.tls, listener, signal)
+            rpc::serve_accepted(self.hub.clone(), incoming, idle, signal)
                 .instrument(tracing::info_span!("grpc", %addr)),
         );
         let driver = tokio::spawn(
@@ -172,6 +191,7 @@ impl Coordinator {
             shutdown,
             server: Some(server),
             driver: Some(driver),
+            accepting: vec![accepting, auditing],
             metrics,
         })
     }
@@ -255,10 +275,12 @@ impl Running {
         }
         let server = self.server.take();
         let driver = self.driver.take();
+        let accepting = std::mem::take(&mut self.accepting);
         let aborts: Vec<_> = server
             .iter()
             .map(|h| h.abort_handle())
             .chain(driver.iter().map(|h| h.abort_handle()))
+            .chain(accepting.iter().map(|h| h.abort_handle()))
             .collect();
         let drain = async {
             let mut result = Ok(());
@@ -279,6 +301,10 @@ impl Running {
                 {
                     result = result.and(Err(e));
                 }
+            }
+            for task in accepting {
+                // They stop on the same signal; the auditor writes what is queued first.
+                let _ = task.await;
             }
             result
         };

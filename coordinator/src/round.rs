@@ -77,6 +77,7 @@ impl RoundDriver {
     /// Runs rounds until shutdown or `max_rounds`; returns only on shutdown or a storage
     /// failure (a failed round is recorded and the next one starts).
     pub async fn run(mut self) -> Result<(), CoreError> {
+        crate::intake::resume::drop_partials_at_start(&self.hub)?;
         if let Some(round) = self.hub.store.latest_round()? {
             match round.state {
                 RoundState::Open | RoundState::Collecting => {
@@ -254,6 +255,7 @@ impl RoundDriver {
     /// Stops accepting updates, then fails the round or aggregates it.
     async fn close(&mut self, open: &Arc<OpenRound>, base: Base) -> Result<(), CoreError> {
         self.hub.close(open.record.round);
+        crate::intake::resume::drop_partials(&self.hub, None);
         let updates = self.hub.store.updates_of_round(open.record.round)?;
         let mut record = open.record.clone();
         record.participants = u32::try_from(updates.len()).unwrap_or(u32::MAX);

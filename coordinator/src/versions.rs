@@ -70,6 +70,7 @@ impl Versions<'_> {
         });
         let (blob_sha256, size) = stored?;
         let hash = hash?;
+        crate::failpoint::hit(crate::failpoint::PUBLISH_AFTER_BLOB);
         let record = ModelRecord {
             version: new.version,
             parent: new.parent,
@@ -85,7 +86,9 @@ impl Versions<'_> {
             status: new.status,
         };
         self.store.insert_model(&record, round)?;
+        crate::failpoint::hit(crate::failpoint::PUBLISH_AFTER_RECORD);
         self.store.flush_blocking()?;
+        crate::failpoint::hit(crate::failpoint::PUBLISH_AFTER_FLUSH);
         Ok(record)
     }
 

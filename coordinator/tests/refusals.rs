@@ -24,6 +24,7 @@ fn limits() -> Limits {
         max_samples_per_plant: 1000,
         delta_norm_bound: Some(10.0),
         norm_action: NormAction::Reject,
+        ..Limits::default()
     }
 }
 

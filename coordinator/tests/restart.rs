@@ -2,7 +2,8 @@
 //! on the same data folder and publishes the same bits as an uninterrupted run; a round found
 //! aggregating at start is aggregated again from the stored updates; the coordinator process
 //! SIGKILLed in the middle of an upload, and again right after the last acknowledgement,
-//! loses no accepted update, keeps no partial one, and publishes the canonical bits.
+//! loses no accepted update, keeps no unsynced partial one (a checkpointed prefix survives:
+//! `upload_resume.rs`), and publishes the canonical bits.
 
 mod support;
 
@@ -208,12 +209,27 @@ async fn a_coordinator_killed_mid_upload_and_after_the_last_ack_publishes_the_sa
     );
     drop((p1, p2, p3, tx));
 
-    // Restarted: the partial file is gone, plant-1's update still counts, plant-2 sends again
-    // and plant-3 sends; the process is killed again right after the last acknowledgement.
+    // Restarted: the stream was live when the process died and its bytes were never
+    // checkpointed (a payload this small is fsynced only when its stream breaks or ends), so
+    // nothing of it is held: bytes after the last fsync are not trusted. plant-1's update
+    // still counts, plant-2 learns it must send from byte 0 and does, plant-3 sends; the
+    // process is killed again right after the last acknowledgement.
     let second = Process::start(&site, &config).await;
     assert_eq!(std::fs::read_dir(&incoming).unwrap().count(), 0);
+    let partial = config.data_dir.join("blobs/partial");
+    assert_eq!(std::fs::read_dir(&partial).unwrap().count(), 0);
     let mut p2 = Plant::connect(&site, &second.url, "plant-2").await;
     p2.join(20).await;
+    let held = p2
+        .client
+        .upload_status(pb::UploadStatusRequest {
+            protocol_version: fedinspect_proto::PROTOCOL_VERSION,
+            update_id: vec![2; 16],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((held.durable_bytes, held.accepted), (0, false));
     let task = p2.next_train().await;
     assert_eq!(task.round, 1);
     p2.upload(header(&task, &b1, pb::Codec::Q8, 20, 2), &b1, b1.len())

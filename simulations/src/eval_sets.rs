@@ -1,6 +1,7 @@
 //! The test sets every model of a run is scored on: the held-out global test split, the test
 //! boards of groups no plant trains on (when there are any: DeepPCB's test-only boards), and
-//! each plant's own test data. All are DeepPCB-layout folders read by the client's loaders and
+//! each plant's own test data (and a drifting plant's, with its new look, as
+//! `<plant>@round-<r>`). All are DeepPCB-layout folders read by the client's loaders and
 //! scored by [`TestSet::evaluate`] (map_33, the DeepPCB protocol, and map_50).
 
 use std::collections::BTreeMap;
@@ -77,6 +78,12 @@ impl EvalSets {
             let set = TestSet::load(&p.root, size, limit)
                 .with_context(|| format!("cannot load {}'s test data", p.id))?;
             plants.push((p.id.clone(), set));
+        }
+        // A drifting plant's own test boards with its new look, scored as `<plant>@round-<r>`.
+        for d in &data.drift {
+            let set = TestSet::load(&d.root, size, limit)
+                .with_context(|| format!("cannot load {}'s drifted test data", d.plant_id))?;
+            plants.push((format!("{}@round-{}", d.plant_id, d.from_round), set));
         }
         Ok(Self {
             arch: arch.clone(),

@@ -68,6 +68,39 @@ pub struct DataSettings {
     pub size_skew: f64,
     /// Evaluate at most this many images of each test set (0: all).
     pub eval_limit: usize,
+    /// Synthetic: `[[data.style]]`, plants whose look is set rather than drawn from the seed.
+    pub style: Vec<PlantShift>,
+    /// Synthetic: `[[data.drift]]`, plants whose look changes from a round on.
+    pub drift: Vec<PlantShift>,
+}
+
+/// How a synthetic plant looks, set instead of drawn (`[[data.style]]`), or from a round on
+/// (`[[data.drift]]`, with `from_round`). Unset knobs keep the plant's drawn values.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlantShift {
+    /// The plant, counted from 1 (`plant-01`).
+    pub plant: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_round: Option<u32>,
+    /// Lighting: multiplies intensities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gain: Option<f32>,
+    /// Lighting: added to intensities (grey levels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<f32>,
+    /// Sensor noise, standard deviation in grey levels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<f32>,
+    /// Optical blur, Gaussian sigma in pixels (0: sharp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blur: Option<f32>,
+    /// Camera scale: the board appears this many times larger (0.5..2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f32>,
+    /// Multiplies the size of every defect drawn (0.5..3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defect_scale: Option<f32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -94,6 +127,9 @@ pub struct FederationSettings {
     pub strategy: String,
     pub deadline_secs: u64,
     pub warmup_steps: u64,
+    /// Plants as agents inside `simulate` (one runtime, still over mutual TLS gRPC) rather
+    /// than one `client run` process each; default above [`IN_PROCESS_ABOVE`] plants.
+    pub plants_in_process: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -109,7 +145,12 @@ pub struct ComputeSettings {
     pub plant_threads: u32,
     /// LibTorch threads of this program (evaluation, baselines).
     pub threads: u32,
+    /// In-process plants: at most this many train at once (wall time only, not results).
+    pub concurrent_trainings: u32,
 }
+
+/// Above this many plants, plants run in process unless the file says otherwise.
+pub const IN_PROCESS_ABOVE: u32 = 32;
 
 /// The experiment file: its base settings and the sweep over them.
 #[derive(Clone, Debug)]
@@ -167,6 +208,10 @@ struct RawData {
     image_size: Option<u32>,
     size_skew: Option<f64>,
     eval_limit: Option<usize>,
+    #[serde(default)]
+    style: Vec<PlantShift>,
+    #[serde(default)]
+    drift: Vec<PlantShift>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +237,7 @@ struct RawFederation {
     strategy: Option<String>,
     deadline_secs: Option<u64>,
     warmup_steps: Option<u64>,
+    plants_in_process: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,6 +253,7 @@ struct RawCompute {
     device: Option<String>,
     plant_threads: Option<u32>,
     threads: Option<u32>,
+    concurrent_trainings: Option<u32>,
 }
 
 /// DeepPCB's training split holds seven board groups: its natural plants.
@@ -341,6 +388,8 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
         ("test_per_plant", d.test_per_plant.is_some()),
         ("image_size", d.image_size.is_some()),
         ("size_skew", d.size_skew.is_some()),
+        ("style", !d.style.is_empty()),
+        ("drift", !d.drift.is_empty()),
     ];
     if source == Source::Deeppcb {
         for (key, given) in synthetic_only {
@@ -363,6 +412,14 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
     };
     let arch = ArchConfig::default();
     let f = raw.federation;
+    let plants = d.plants.unwrap_or(match source {
+        Source::Synthetic => 3,
+        Source::Deeppcb => DEEPPCB_GROUPS,
+    });
+    let plant_threads = raw.compute.plant_threads.unwrap_or(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let mut drift = d.drift;
+    drift.sort_by_key(|s| (s.plant, s.from_round));
     Settings {
         name: raw.name.unwrap_or_else(|| default_name.to_string()),
         seed: raw.seed.unwrap_or(1),
@@ -370,16 +427,15 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
             source,
             path: d.path,
             split,
-            plants: d.plants.unwrap_or(match source {
-                Source::Synthetic => 3,
-                Source::Deeppcb => DEEPPCB_GROUPS,
-            }),
+            plants,
             alpha: d.alpha.unwrap_or(1.0),
             train_per_plant: d.train_per_plant.unwrap_or(64),
             test_per_plant: d.test_per_plant.unwrap_or(16),
             image_size,
             size_skew: d.size_skew.unwrap_or(0.0),
             eval_limit: d.eval_limit.unwrap_or(0),
+            style: d.style,
+            drift,
         },
         model: ModelSettings {
             input_size,
@@ -399,6 +455,7 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
             strategy: f.strategy.unwrap_or_else(|| "fedavg".into()),
             deadline_secs: f.deadline_secs.unwrap_or(600),
             warmup_steps: f.warmup_steps.unwrap_or(20),
+            plants_in_process: f.plants_in_process.unwrap_or(plants > IN_PROCESS_ABOVE),
         },
         baselines: BaselineSettings {
             centralised: raw.baselines.centralised.unwrap_or(true),
@@ -406,8 +463,12 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
         },
         compute: ComputeSettings {
             device: raw.compute.device.unwrap_or_else(|| "auto".into()),
-            plant_threads: raw.compute.plant_threads.unwrap_or(1),
+            plant_threads,
             threads: raw.compute.threads.unwrap_or(2),
+            concurrent_trainings: raw
+                .compute
+                .concurrent_trainings
+                .unwrap_or((cores / plant_threads.max(1)).max(1)),
         },
     }
 }
@@ -520,7 +581,64 @@ pub fn check(s: &Settings) -> Vec<String> {
     if s.compute.plant_threads == 0 || s.compute.threads == 0 {
         p.push("compute.plant_threads and compute.threads must be at least 1".into());
     }
+    if s.compute.concurrent_trainings == 0 {
+        p.push("compute.concurrent_trainings must be at least 1".into());
+    }
+    check_shifts(s, &mut p);
     p
+}
+
+/// Problems of `[[data.style]]` and `[[data.drift]]`.
+fn check_shifts(s: &Settings, p: &mut Vec<String>) {
+    let d = &s.data;
+    for (table, shifts) in [("style", &d.style), ("drift", &d.drift)] {
+        for (i, sh) in shifts.iter().enumerate() {
+            let at = format!("data.{table}[{i}]");
+            if sh.plant == 0 || sh.plant > d.plants {
+                p.push(format!(
+                    "{at}.plant: {} is not a plant; plants are counted from 1 to {}",
+                    sh.plant, d.plants
+                ));
+            }
+            let ranges: [(&str, Option<f32>, f32, f32); 6] = [
+                ("gain", sh.gain, 0.05, 4.0),
+                ("offset", sh.offset, -128.0, 128.0),
+                ("noise", sh.noise, 0.0, 64.0),
+                ("blur", sh.blur, 0.0, 8.0),
+                ("scale", sh.scale, 0.5, 2.0),
+                ("defect_scale", sh.defect_scale, 0.5, 3.0),
+            ];
+            for (key, v, lo, hi) in ranges {
+                if let Some(v) = v.filter(|v| !(v.is_finite() && (lo..=hi).contains(v))) {
+                    p.push(format!("{at}.{key}: {v} must be between {lo} and {hi}"));
+                }
+            }
+            match (table, sh.from_round) {
+                ("style", Some(_)) => p.push(format!(
+                    "{at}.from_round: a style holds from the start; put a change from a round on in [[data.drift]]"
+                )),
+                ("drift", None) => p.push(format!(
+                    "{at}.from_round: missing; say from which round the plant's data changes"
+                )),
+                ("drift", Some(r)) if r < 2 || r > s.federation.rounds => p.push(format!(
+                    "{at}.from_round: {r} must be between 2 and the last round {} (round 1's look is [[data.style]])",
+                    s.federation.rounds
+                )),
+                _ => {}
+            }
+        }
+    }
+    if !d.drift.is_empty() {
+        if d.split != SplitKind::Group {
+            p.push("data.drift: needs split = \"group\" (a synthetic plant's boards are its own group, redrawn when it drifts)".into());
+        }
+        if !s.federation.plants_in_process {
+            p.push("data.drift: needs federation.plants_in_process = true (the drifting plant is rebuilt on its new data between two rounds)".into());
+        }
+        if s.federation.participation < 1.0 {
+            p.push("data.drift: needs federation.participation = 1.0 (the plant switches once it delivered the round before the drift)".into());
+        }
+    }
 }
 
 /// Why sweeping `key` would change nothing with these base settings, if it would not.

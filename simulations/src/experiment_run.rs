@@ -31,7 +31,7 @@ use crate::experiment::{participants, Settings};
 use crate::federation::{Federation, REGISTER_WAIT, STOP_GRACE};
 use crate::interrupt::Interrupt;
 use crate::plant_data::{self, PreparedData};
-use crate::process_memory::{peak_rss, ProcessMemory};
+use crate::process_memory::{current_rss, peak_rss, InProcessMemory, ProcessMemory, RoundMemory};
 use crate::processes::{describe, Binaries};
 use crate::progress::{round_watcher, Clock};
 use crate::report::RoundRow;
@@ -69,7 +69,7 @@ pub fn run_one(
     let arch = spec.arch.clone();
 
     let fed_started = clock.seconds();
-    let (details, initial_version, memory) = federate(spec, bins, interrupt, clock, s)?;
+    let (details, initial_version, memory) = federate(spec, &data, bins, interrupt, clock, s)?;
     let federation_seconds = clock.seconds() - fed_started;
 
     let device = device(&s.compute.device)?;
@@ -203,10 +203,11 @@ fn site_spec(s: &Settings, dir: &Path, data: &PreparedData) -> Result<SiteSpec> 
 }
 
 /// Runs the federation's rounds; returns each round's record, the initial model and the
-/// processes' peak memory. Every published version is exported into `site/models` and
-/// checked on the way.
+/// memory figures. Every published version is exported into `site/models` and checked on the
+/// way. Plants are processes, or agents in this process when `plants_in_process` is set.
 fn federate(
     spec: SiteSpec,
+    data: &PreparedData,
     bins: &Binaries,
     interrupt: &Interrupt,
     clock: &Clock,
@@ -216,12 +217,42 @@ fn federate(
     let pinned = VerifyingKey::load(&site.pki.coordinator_verifying_key())?;
     let models = site.models();
     let plant_count = site.spec.plants.len();
+    let in_process = s.federation.plants_in_process;
     clock.say(format!(
-        "starting the coordinator and {plant_count} plants on {} (mutual TLS); logs in {}",
+        "starting the coordinator and {plant_count} plants{} on {} (mutual TLS); logs in {}",
+        if in_process {
+            format!(
+                " in this process (at most {} training at once)",
+                s.compute.concurrent_trainings
+            )
+        } else {
+            String::new()
+        },
         site.address,
         site.logs().display()
     ));
-    let mut fed = Federation::start(site, bins.clone(), interrupt.clone())?;
+    let me = std::process::id();
+    let mut baseline_rss = 0;
+    let mut fed = if in_process {
+        let mut drift: BTreeMap<String, Vec<(u64, std::path::PathBuf)>> = BTreeMap::new();
+        for d in &data.drift {
+            let config = site.write_drift_config(&d.plant_id, d.from_round.into(), &d.root)?;
+            drift
+                .entry(d.plant_id.clone())
+                .or_default()
+                .push((d.from_round.into(), config));
+        }
+        baseline_rss = current_rss(me).unwrap_or(0);
+        Federation::start_in_process(
+            site,
+            bins.clone(),
+            interrupt.clone(),
+            &drift,
+            s.compute.concurrent_trainings,
+        )?
+    } else {
+        Federation::start(site, bins.clone(), interrupt.clone())?
+    };
     fed.wait_for("the plants to register", REGISTER_WAIT, |f| {
         Ok((f.plants()?.len() >= plant_count).then_some(()))
     })?;
@@ -229,19 +260,37 @@ fn federate(
     let initial = export_version(&mut fed, 1, &models, &pinned)?;
     let round_wait = Duration::from_secs(s.federation.deadline_secs + 120);
     let mut details = Vec::new();
+    let mut by_round = Vec::new();
     for round in 1..=u64::from(s.federation.rounds) {
         let detail = fed.wait_for_round(round, round_wait, &mut round_watcher(round, clock))?;
+        let memory = RoundMemory {
+            round,
+            simulate: current_rss(me),
+            coordinator: current_rss(fed.coordinator_pid()),
+        };
+        let rss =
+            |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
         if detail.round.state == "published" {
             let version = detail.round.published_version;
             export_version(&mut fed, version, &models, &pinned)?;
             clock.say(format!(
-                "round {round}: version {version} published ({} participants)",
-                detail.round.participants
+                "round {round}: version {version} published ({} participants); resident memory: simulate {}, coordinator {}",
+                detail.round.participants,
+                rss(memory.simulate),
+                rss(memory.coordinator)
             ));
         } else {
             clock.say(format!("round {round} failed: {}", detail.round.failure));
         }
+        by_round.push(memory);
         details.push(detail);
+    }
+    if let Some(v) = fed.virtual_plants() {
+        for (id, t) in v.tallies() {
+            for why in t.refused.iter().chain(&t.failed) {
+                clock.say(format!("warning: {id}: {why}"));
+            }
+        }
     }
     let memory = ProcessMemory {
         coordinator: peak_rss(fed.coordinator_pid()),
@@ -251,7 +300,20 @@ fn federate(
             .into_iter()
             .filter_map(|id| Some((id.clone(), peak_rss(fed.plant_pid(&id)?)?)))
             .collect(),
+        in_process: in_process.then(|| {
+            let peak_rss = peak_rss(me).unwrap_or(0);
+            InProcessMemory {
+                plants: plant_count,
+                baseline_rss,
+                peak_rss,
+                per_plant: peak_rss.saturating_sub(baseline_rss) / plant_count.max(1) as u64,
+            }
+        }),
+        by_round,
     };
+    for (id, why) in fed.stop_virtual_plants(STOP_GRACE) {
+        clock.say(format!("warning: in-process plant {id}: {why}"));
+    }
     for (name, status) in fed.stop(STOP_GRACE) {
         if !status.success() {
             clock.say(format!("warning: {name} ended with {}", describe(status)));

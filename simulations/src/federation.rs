@@ -2,7 +2,9 @@
 //! `coordinator serve` and one `client run` per plant, all over mutual TLS on loopback, driven
 //! and watched through the coordinator's Admin service with the site's admin certificate.
 //! Every wait checks that no process died (naming its log) and that nobody interrupted;
-//! dropping a `Federation` stops its processes.
+//! dropping a `Federation` stops its processes. With [`Federation::start_in_process`] the
+//! plants are [`VirtualPlants`] inside this process instead of `client run` processes (same
+//! agent code, certificates, gRPC and codecs; see `virtual_plants`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,6 +20,7 @@ use fedinspect_coordinator::rpc::admin_client::{
 use crate::interrupt::Interrupt;
 use crate::processes::{describe, stop_all, Binaries, Process};
 use crate::site::Site;
+use crate::virtual_plants::{VirtualPlant, VirtualPlants};
 
 /// How often the coordinator is asked while waiting.
 const POLL: Duration = Duration::from_millis(250);
@@ -39,6 +42,7 @@ pub struct Federation {
     admin: AdminSession,
     coordinator: Process,
     plants: BTreeMap<String, Process>,
+    virtual_plants: Option<VirtualPlants>,
     interrupt: Interrupt,
 }
 
@@ -46,6 +50,41 @@ impl Federation {
     /// Stores the initial model, starts the coordinator, waits until it answers, and starts
     /// every plant of the site.
     pub fn start(site: Site, bins: Binaries, interrupt: Interrupt) -> Result<Self> {
+        let mut fed = Self::start_coordinator(site, bins, interrupt)?;
+        for id in fed.site.plant_ids() {
+            fed.start_plant(&id)?;
+        }
+        Ok(fed)
+    }
+
+    /// Like [`Federation::start`], with every plant of the site an in-process agent (its
+    /// `plant.toml` as written by the site; `drift` adds a plant's later configs), at most
+    /// `concurrent_trainings` of them training at once.
+    pub fn start_in_process(
+        site: Site,
+        bins: Binaries,
+        interrupt: Interrupt,
+        drift: &BTreeMap<String, Vec<(u64, std::path::PathBuf)>>,
+        concurrent_trainings: u32,
+    ) -> Result<Self> {
+        let mut fed = Self::start_coordinator(site, bins, interrupt)?;
+        crate::virtual_plants::log_to(&fed.site.logs().join("plants-in-process.log"))?;
+        let plants: Vec<VirtualPlant> = fed
+            .site
+            .plant_ids()
+            .into_iter()
+            .map(|id| VirtualPlant {
+                config: fed.site.plant_config(&id),
+                drift: drift.get(&id).cloned().unwrap_or_default(),
+                id,
+            })
+            .collect();
+        fed.virtual_plants = Some(VirtualPlants::start(&plants, concurrent_trainings)?);
+        Ok(fed)
+    }
+
+    /// Stores the initial model, starts the coordinator and waits until it answers.
+    fn start_coordinator(site: Site, bins: Binaries, interrupt: Interrupt) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -64,19 +103,21 @@ impl Federation {
             &site.logs().join("coordinator.log"),
         )?;
         let admin = connect_admin(&runtime, &site, &mut coordinator, &interrupt)?;
-        let mut fed = Self {
+        Ok(Self {
             site,
             bins,
             runtime,
             admin,
             coordinator,
             plants: BTreeMap::new(),
+            virtual_plants: None,
             interrupt,
-        };
-        for id in fed.site.plant_ids() {
-            fed.start_plant(&id)?;
-        }
-        Ok(fed)
+        })
+    }
+
+    /// The in-process plants, when the federation runs them.
+    pub fn virtual_plants(&self) -> Option<&VirtualPlants> {
+        self.virtual_plants.as_ref()
     }
 
     pub fn site(&self) -> &Site {
@@ -121,6 +162,9 @@ impl Federation {
 
     /// Fails, naming the process and showing its log's end, if a process has exited.
     pub fn check_processes(&mut self) -> Result<()> {
+        if let Some(v) = &mut self.virtual_plants {
+            v.check()?;
+        }
         for p in std::iter::once(&mut self.coordinator).chain(self.plants.values_mut()) {
             if let Some(status) = p.exited() {
                 bail!(
@@ -216,12 +260,24 @@ impl Federation {
     /// Stops the plants, then the coordinator (SIGTERM, SIGKILL after `grace`), and returns
     /// how each ended.
     pub fn stop(&mut self, grace: Duration) -> Vec<(String, ExitStatus)> {
+        self.stop_virtual_plants(grace);
         let mut ended = Vec::new();
         let mut plants: Vec<&mut Process> = self.plants.values_mut().collect();
         let statuses = stop_all(&mut plants, grace);
         ended.extend(plants.iter().map(|p| p.name().to_string()).zip(statuses));
         ended.push(("coordinator".to_string(), self.coordinator.stop(grace)));
         ended
+    }
+}
+
+impl Federation {
+    /// Stops the in-process plants (if any, and not yet stopped); returns those that ended
+    /// with an error, and the error.
+    pub fn stop_virtual_plants(&mut self, grace: Duration) -> Vec<(String, String)> {
+        self.virtual_plants
+            .take()
+            .map(|mut v| v.stop(grace))
+            .unwrap_or_default()
     }
 }
 

@@ -7,8 +7,10 @@
 //! Reading order: `synthetic`, `site`, `processes`, `interrupt`, `federation`, `versions`,
 //! `evaluation`, `report`, `progress`, `evaluator`, `quickstart`; then for experiments:
 //! `experiment` and `sweep` (the file), `coordinator_support`, `partition` and `plant_data`
-//! (who holds which image), `process_memory`, `eval_sets`, `baselines`, `run_metrics`, `chart`, `chart_svg`,
-//! `chart_png`, `run_report`, `experiment_run` (one run), `simulate_run` (the command).
+//! (who holds which image), `synthetic_styles` (plants' looks and drift), `process_memory`,
+//! `virtual_plants` (in-process plants), `eval_sets`, `baselines`, `run_metrics`, `chart`,
+//! `chart_svg`, `chart_png`, `run_report`, `experiment_run` (one run), `simulate_run` (the
+//! command). `deploy/` (not Rust) holds the Helm chart and the Slurm script.
 
 pub mod baselines;
 pub mod chart;
@@ -35,4 +37,6 @@ pub mod simulate_run;
 pub mod site;
 pub mod sweep;
 pub mod synthetic;
+pub mod synthetic_styles;
 pub mod versions;
+pub mod virtual_plants;

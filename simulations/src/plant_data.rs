@@ -7,6 +7,7 @@
 //! ```text
 //! RUN/plant-data/<plant>/   trainval.txt, test.txt, groupNNNNN -> SOURCE/groupNNNNN
 //! RUN/plant-data/unseen/    test.txt of the test boards of groups no plant trains on
+//! RUN/plant-data/<plant>@round-<r>/   the plant's data from round r on ([[data.drift]])
 //! ```
 
 use std::collections::BTreeSet;
@@ -21,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::experiment::{Settings, Source, SplitKind};
 use crate::partition::{self, Partition};
 use crate::synthetic;
+use crate::synthetic_styles;
 
 /// One line of a split file and what the partitioners need to know of it.
 #[derive(Clone, Debug)]
@@ -55,6 +57,18 @@ pub struct PreparedData {
     pub unseen_test: Option<PathBuf>,
     /// Mean total variation distance of the plants' class mixes from the overall mix.
     pub class_skew: f64,
+    /// Plants whose data changes from a round on (`[[data.drift]]`), in plant and round order.
+    pub drift: Vec<DriftFolder>,
+}
+
+/// A plant's data from a round on: the same boards and labels, another look.
+#[derive(Clone, Debug)]
+pub struct DriftFolder {
+    pub plant_id: String,
+    pub from_round: u32,
+    /// A DeepPCB-layout folder with the plant's split files, its group linked to the
+    /// drifted boards.
+    pub root: PathBuf,
 }
 
 /// Prepares the source (`data_cache` holds generated synthetic data) and the plants'
@@ -143,11 +157,39 @@ pub fn prepare(s: &Settings, data_cache: &Path, run_dir: &Path) -> Result<Prepar
         write_folder(&source, &root, &[], &unseen)?;
         Some(root)
     };
+    let mut drift = Vec::new();
+    for d in &s.data.drift {
+        let (p, from_round) = (d.plant - 1, d.from_round.expect("checked when parsed"));
+        let plant = &folders[p as usize];
+        let (tr, te) = (&train_parts[p as usize], &test_parts[p as usize]);
+        let source_name = source
+            .file_name()
+            .map_or("synthetic".into(), |n| n.to_string_lossy().into_owned());
+        let boards = tr.len() + te.len();
+        let drifted = synthetic_styles::write_drifted_group(
+            s,
+            data_cache,
+            &source_name,
+            p,
+            from_round,
+            boards,
+        )?;
+        let root = base.join(format!("{}@round-{from_round}", plant.id));
+        let train_lines: Vec<&SplitLine> = tr.iter().map(|&i| &train[i]).collect();
+        let test_lines: Vec<&SplitLine> = te.iter().map(|&i| &test[i]).collect();
+        write_folder(&drifted, &root, &train_lines, &test_lines)?;
+        drift.push(DriftFolder {
+            plant_id: plant.id.clone(),
+            from_round,
+            root,
+        });
+    }
     Ok(PreparedData {
         source,
         plants: folders,
         unseen_test,
         class_skew,
+        drift,
     })
 }
 
@@ -156,8 +198,15 @@ pub fn prepare(s: &Settings, data_cache: &Path, run_dir: &Path) -> Result<Prepar
 fn synthetic_source(s: &Settings, cache: &Path) -> Result<PathBuf> {
     let d = &s.data;
     let root = cache.join(format!(
-        "synthetic-{}plants-{}px-{}train-{}test-alpha{}-skew{}-seed{}",
-        d.plants, d.image_size, d.train_per_plant, d.test_per_plant, d.alpha, d.size_skew, s.seed
+        "synthetic-{}plants-{}px-{}train-{}test-alpha{}-skew{}-seed{}{}",
+        d.plants,
+        d.image_size,
+        d.train_per_plant,
+        d.test_per_plant,
+        d.alpha,
+        d.size_skew,
+        s.seed,
+        synthetic_styles::tag(&d.style)
     ));
     let done = root.join(".complete");
     if done.exists() {
@@ -181,7 +230,10 @@ fn synthetic_source(s: &Settings, cache: &Path) -> Result<PathBuf> {
         d.image_size,
         root.display()
     );
-    synthetic::write_dataset(&root, &counts, d.image_size, d.alpha, s.seed)
+    let styles: Vec<_> = (0..d.plants)
+        .map(|p| synthetic_styles::initial_style(s, p))
+        .collect();
+    synthetic::write_dataset_styled(&root, &counts, d.image_size, &styles, s.seed)
         .with_context(|| format!("cannot write synthetic plants into {}", root.display()))?;
     fs::write(&done, b"")?;
     Ok(fs::canonicalize(&root)?)

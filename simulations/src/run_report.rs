@@ -297,6 +297,41 @@ fn run_markdown(m: &RunMetrics) -> String {
         m.memory.mean_plant().map_or("-".into(), human_bytes),
         m.memory.coordinator.map_or("-".into(), human_bytes),
     );
+    if let Some(v) = &m.memory.in_process {
+        let _ = writeln!(
+            s,
+            "Plants in process: {} plants cost {} of `simulate` ({} before them, {} at the peak): {} per plant.\n",
+            v.plants,
+            human_bytes(v.peak_rss.saturating_sub(v.baseline_rss)),
+            human_bytes(v.baseline_rss),
+            human_bytes(v.peak_rss),
+            human_bytes(v.per_plant),
+        );
+    }
+    if !m.memory.by_round.is_empty() {
+        let row = |f: &dyn Fn(&crate::process_memory::RoundMemory) -> Option<u64>| {
+            m.memory
+                .by_round
+                .iter()
+                .map(|r| f(r).map_or("-".into(), human_bytes))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
+        let rounds: Vec<String> = m
+            .memory
+            .by_round
+            .iter()
+            .map(|r| r.round.to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "Resident memory after each round (does it grow with rounds?):\n\n| round | {} |\n|---|{}\n| simulate | {} |\n| coordinator | {} |\n",
+            rounds.join(" | "),
+            "---:|".repeat(rounds.len()),
+            row(&|r| r.simulate),
+            row(&|r| r.coordinator),
+        );
+    }
     let _ = writeln!(s, "## Final models\n\n| method | global map_33 | global map_50 | unseen map_33 |\n|---|---:|---:|---:|");
     let unseen_fed = m
         .federated

@@ -195,6 +195,30 @@ impl Site {
         Ok(path)
     }
 
+    /// Writes plant `id`'s config for its data from round `from_round` on (drift):
+    /// `plants/<id>/plant-from-round-<r>.toml`, the same plant and state folder reading
+    /// `data_root`.
+    pub fn write_drift_config(
+        &self,
+        id: &str,
+        from_round: u64,
+        data_root: &Path,
+    ) -> Result<PathBuf> {
+        let mut plant = self
+            .spec
+            .plants
+            .iter()
+            .find(|p| p.id == id)
+            .with_context(|| format!("no plant '{id}' in this site"))?
+            .clone();
+        plant.data_root = data_root.to_path_buf();
+        let path = self
+            .plant_dir(id)
+            .join(format!("plant-from-round-{from_round}.toml"));
+        write_toml(&path, &self.plant_toml(&plant, &self.address))?;
+        Ok(path)
+    }
+
     fn write_initial_model(&self) -> Result<()> {
         let names = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
         let model = Detector::seeded(

@@ -4,8 +4,10 @@
 //!
 //! Each plant differs the way real lines do: lighting (brightness, contrast), sensor noise and
 //! its mix of defect classes (Dirichlet over classes with concentration `alpha`; small alpha is
-//! strongly non-IID). Boxes are the bounding boxes of the pixels each defect actually changed,
-//! so labels are correct by construction.
+//! strongly non-IID); set per plant (an experiment's `[[data.style]]`), also optical blur, the
+//! camera's scale and the size of its defects. Boxes are the bounding boxes of the pixels each
+//! defect actually changed (grown by what blur and resampling spread), so labels are correct
+//! by construction.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -40,6 +42,13 @@ pub struct PlantStyle {
     pub noise: f32,
     /// Probability of each defect class (sums to 1).
     pub class_mix: [f64; 6],
+    /// Optical blur: Gaussian sigma in pixels (0: none).
+    pub blur: f32,
+    /// Camera scale: the board appears `scale` times larger (drawn on a canvas of
+    /// size / scale pixels, then resampled); 1 draws at the image size.
+    pub scale: f32,
+    /// Multiplies the size of every defect (gaps, bridges, bites, blobs, holes).
+    pub defect_scale: f32,
 }
 
 impl PlantStyle {
@@ -65,6 +74,9 @@ impl PlantStyle {
             offset: rng.gen_range(-15.0..15.0),
             noise: rng.gen_range(2.0..7.0),
             class_mix,
+            blur: 0.0,
+            scale: 1.0,
+            defect_scale: 1.0,
         }
     }
 }
@@ -81,7 +93,8 @@ pub struct Board {
 /// Generates one board of `size x size` pixels with 1..=`max_defects` defects.
 pub fn generate_board(seed: u64, size: u32, style: &PlantStyle, max_defects: usize) -> Board {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n = size as usize;
+    // The canvas the board is drawn on: smaller than the image when the camera magnifies.
+    let n = canvas_side(size, style.scale);
     let mut clean = vec![SUBSTRATE; n * n];
     let traces = draw_traces(&mut rng, &mut clean, n);
     let mut defective = clean.clone();
@@ -92,7 +105,14 @@ pub fn generate_board(seed: u64, size: u32, style: &PlantStyle, max_defects: usi
         attempts += 1;
         let class = pick_class(&mut rng, &style.class_mix);
         let before = defective.clone();
-        if !draw_defect(&mut rng, &mut defective, n, &traces, class) {
+        if !draw_defect(
+            &mut rng,
+            &mut defective,
+            n,
+            &traces,
+            class,
+            style.defect_scale,
+        ) {
             continue;
         }
         if let Some((x1, y1, x2, y2)) = changed_bbox(&before, &defective, n) {
@@ -106,6 +126,7 @@ pub fn generate_board(seed: u64, size: u32, style: &PlantStyle, max_defects: usi
             defects.push((x1, y1, x2, y2, class));
         }
     }
+    let (clean, defective, defects) = optics(clean, defective, defects, n, size, style.blur);
     let test = render(&defective, style, &mut rng);
     let template = render(&clean, style, &mut rng);
     Board {
@@ -114,6 +135,122 @@ pub fn generate_board(seed: u64, size: u32, style: &PlantStyle, max_defects: usi
         template,
         defects,
     }
+}
+
+/// A defect's box `(x1, y1, x2, y2, class_index)`.
+type DefectBox = (u32, u32, u32, u32, usize);
+
+/// Side of the canvas a board of `size` pixels is drawn on at camera `scale` (at least 32).
+fn canvas_side(size: u32, scale: f32) -> usize {
+    if (scale - 1.0).abs() < 1e-6 {
+        return size as usize;
+    }
+    ((size as f32 / scale.max(1e-3)).round() as usize).max(32)
+}
+
+/// The camera: resamples the drawn canvas (`n` pixels a side) to the image `size`, then blurs;
+/// boxes follow, grown by the pixels resampling and blur can reach.
+fn optics(
+    clean: Vec<f32>,
+    defective: Vec<f32>,
+    defects: Vec<DefectBox>,
+    n: usize,
+    size: u32,
+    blur: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<DefectBox>) {
+    let out = size as usize;
+    let (mut clean, mut defective, mut defects) = if n == out {
+        (clean, defective, defects)
+    } else {
+        let k = out as f64 / n as f64;
+        let boxes = defects
+            .into_iter()
+            .map(|(x1, y1, x2, y2, c)| {
+                let lo = |v: u32| ((f64::from(v) - 1.0) * k).floor().max(0.0) as u32;
+                let hi = |v: u32| (((f64::from(v) + 1.0) * k).ceil() as u32).min(size);
+                (lo(x1), lo(y1), hi(x2), hi(y2), c)
+            })
+            .collect();
+        (
+            resample(&clean, n, out),
+            resample(&defective, n, out),
+            boxes,
+        )
+    };
+    if blur > 0.0 {
+        let kernel = gaussian_kernel(blur);
+        let r = (kernel.len() / 2) as u32;
+        clean = blur_image(&clean, out, &kernel);
+        defective = blur_image(&defective, out, &kernel);
+        for b in &mut defects {
+            *b = (
+                b.0.saturating_sub(r),
+                b.1.saturating_sub(r),
+                (b.2 + r).min(size),
+                (b.3 + r).min(size),
+                b.4,
+            );
+        }
+    }
+    (clean, defective, defects)
+}
+
+/// Bilinear resampling of an `n`-pixel square image to `out` pixels (pixel centres aligned).
+fn resample(img: &[f32], n: usize, out: usize) -> Vec<f32> {
+    let k = n as f32 / out as f32;
+    let coord = |d: usize| {
+        let s = ((d as f32 + 0.5) * k - 0.5).clamp(0.0, (n - 1) as f32);
+        let i = s.floor() as usize;
+        (i, (i + 1).min(n - 1), s - i as f32)
+    };
+    let mut res = vec![0.0; out * out];
+    for y in 0..out {
+        let (y0, y1, fy) = coord(y);
+        for x in 0..out {
+            let (x0, x1, fx) = coord(x);
+            let top = img[y0 * n + x0] * (1.0 - fx) + img[y0 * n + x1] * fx;
+            let bottom = img[y1 * n + x0] * (1.0 - fx) + img[y1 * n + x1] * fx;
+            res[y * out + x] = top * (1.0 - fy) + bottom * fy;
+        }
+    }
+    res
+}
+
+/// A normalised Gaussian kernel of `sigma`, radius ceil(3 sigma).
+fn gaussian_kernel(sigma: f32) -> Vec<f32> {
+    let r = (3.0 * sigma).ceil().max(1.0) as i32;
+    let w: Vec<f32> = (-r..=r)
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let total: f32 = w.iter().sum();
+    w.into_iter().map(|v| v / total).collect()
+}
+
+/// Separable blur with `kernel`, edges clamped.
+fn blur_image(img: &[f32], n: usize, kernel: &[f32]) -> Vec<f32> {
+    let r = (kernel.len() / 2) as isize;
+    let at = |i: isize| i.clamp(0, n as isize - 1) as usize;
+    let mut tmp = vec![0.0; n * n];
+    for y in 0..n {
+        for x in 0..n {
+            tmp[y * n + x] = kernel
+                .iter()
+                .enumerate()
+                .map(|(j, w)| w * img[y * n + at(x as isize + j as isize - r)])
+                .sum();
+        }
+    }
+    let mut res = vec![0.0; n * n];
+    for y in 0..n {
+        for x in 0..n {
+            res[y * n + x] = kernel
+                .iter()
+                .enumerate()
+                .map(|(j, w)| w * tmp[at(y as isize + j as isize - r) * n + x])
+                .sum();
+        }
+    }
+    res
 }
 
 /// Writes `count` boards for plant `plant` into `root` in DeepPCB layout
@@ -187,13 +324,27 @@ pub fn write_dataset(
     alpha: f64,
     seed: u64,
 ) -> io::Result<PathBuf> {
+    let styles: Vec<PlantStyle> = (0..counts.len())
+        .map(|p| PlantStyle::sample(seed.wrapping_add(p as u64), alpha))
+        .collect();
+    write_dataset_styled(root, counts, size, &styles, seed)
+}
+
+/// Like [`write_dataset`] with plant p's look given by `styles[p]` (see
+/// [`PlantStyle::sample`] for the drawn ones).
+pub fn write_dataset_styled(
+    root: &Path,
+    counts: &[(usize, usize)],
+    size: u32,
+    styles: &[PlantStyle],
+    seed: u64,
+) -> io::Result<PathBuf> {
     fs::create_dir_all(root)?;
     let mut trainval = String::new();
     let mut test_lines = String::new();
-    for (p, &(train, test)) in counts.iter().enumerate() {
+    for ((p, &(train, test)), style) in counts.iter().enumerate().zip(styles) {
         let p = p as u32;
-        let style = PlantStyle::sample(seed.wrapping_add(p as u64), alpha);
-        let lines = write_plant(root, p, train + test, size, &style, seed)?;
+        let lines = write_plant(root, p, train + test, size, style, seed)?;
         for (i, l) in lines.iter().enumerate() {
             let out = if i < train {
                 &mut trainval
@@ -328,7 +479,11 @@ fn draw_defect(
     n: usize,
     traces: &[Trace],
     class: usize,
+    defect_scale: f32,
 ) -> bool {
+    // Sizes are drawn as before, then scaled: scale 1 draws exactly the unscaled boards.
+    let sz = |v: usize| ((v as f32 * defect_scale).round() as usize).max(1);
+    let sf = |v: f32| v * defect_scale;
     if traces.is_empty() {
         return false;
     }
@@ -355,7 +510,7 @@ fn draw_defect(
     match class {
         // open: a cut across the trace
         0 => {
-            let gap = rng.gen_range(3..7);
+            let gap = sz(rng.gen_range(3..7));
             if t.horizontal {
                 fill_rect(img, n, along, t.y1, along + gap, t.y2, SUBSTRATE);
             } else {
@@ -364,8 +519,8 @@ fn draw_defect(
         }
         // short: a thin copper bridge leaving the trace sideways
         1 => {
-            let len = rng.gen_range(10..22);
-            let thick = rng.gen_range(2..4);
+            let len = sz(rng.gen_range(10..22));
+            let thick = sz(rng.gen_range(2..4));
             if t.horizontal {
                 let (y0, y1) = if rng.gen_bool(0.5) {
                     (t.y2, t.y2 + len)
@@ -384,7 +539,7 @@ fn draw_defect(
         }
         // mousebite: a bite out of the trace edge
         2 => {
-            let r = rng.gen_range(2.5..4.5);
+            let r = sf(rng.gen_range(2.5..4.5));
             let side = if rng.gen_bool(0.5) { 1.0 } else { -1.0 };
             let (bx, by) = if t.horizontal {
                 (cx, cy + side * half_w)
@@ -395,7 +550,7 @@ fn draw_defect(
         }
         // spur: a short stub sticking out of the edge
         3 => {
-            let r = rng.gen_range(2.0..3.5);
+            let r = sf(rng.gen_range(2.0..3.5));
             let side = if rng.gen_bool(0.5) { 1.0 } else { -1.0 };
             let (bx, by) = if t.horizontal {
                 (cx, cy + side * (half_w + r))
@@ -409,7 +564,7 @@ fn draw_defect(
             for _ in 0..30 {
                 let x = rng.gen_range(10..n - 10) as f32;
                 let y = rng.gen_range(10..n - 10) as f32;
-                let r = rng.gen_range(3.0..6.0);
+                let r = sf(rng.gen_range(3.0..6.0));
                 let clear = traces.iter().all(|t| {
                     x + r + 3.0 < t.x1 as f32
                         || x - r - 3.0 > t.x2 as f32
@@ -425,7 +580,7 @@ fn draw_defect(
         }
         // pin hole: a small hole inside the trace
         _ => {
-            let r = (half_w * 0.5).clamp(1.2, 2.5);
+            let r = sf((half_w * 0.5).clamp(1.2, 2.5));
             fill_disc(img, n, cx, cy, r, SUBSTRATE);
         }
     }
@@ -457,10 +612,13 @@ fn changed_bbox(before: &[f32], after: &[f32], n: usize) -> Option<(u32, u32, u3
 }
 
 fn render(img: &[f32], style: &PlantStyle, rng: &mut ChaCha8Rng) -> Vec<u8> {
-    let noise = Normal::new(0.0f32, style.noise.max(1e-3)).expect("noise sigma is positive");
+    // Noise 0 draws nothing: a noiseless style renders test and template alike.
+    let noise = (style.noise > 0.0)
+        .then(|| Normal::new(0.0f32, style.noise).expect("noise sigma is positive"));
     img.iter()
         .map(|&v| {
-            let x = v * style.gain + style.offset + noise.sample(rng);
+            let n = noise.as_ref().map_or(0.0, |d| d.sample(rng));
+            let x = v * style.gain + style.offset + n;
             x.round().clamp(0.0, 255.0) as u8
         })
         .collect()
@@ -481,17 +639,23 @@ mod tests {
         assert_ne!(a.test, c.test);
     }
 
-    #[test]
-    fn boxes_cover_exactly_the_pixels_that_differ_from_the_template() {
-        // Render without noise so the only differences are the defects.
-        let style = PlantStyle {
+    /// A style rendered without noise, so the only differences are the defects.
+    fn clean_style() -> PlantStyle {
+        PlantStyle {
             gain: 1.0,
             offset: 0.0,
-            noise: 1e-4,
+            noise: 0.0,
             class_mix: [1.0 / 6.0; 6],
-        };
-        for seed in 0..40 {
-            let b = generate_board(seed, 160, &style, 4);
+            blur: 0.0,
+            scale: 1.0,
+            defect_scale: 1.0,
+        }
+    }
+
+    /// Every pixel that differs from the template lies in a box and every box covers a change.
+    fn assert_boxes_cover_changes(style: &PlantStyle, size: u32, seeds: std::ops::Range<u64>) {
+        for seed in seeds {
+            let b = generate_board(seed, size, style, 4);
             assert!(!b.defects.is_empty(), "seed {seed}: no defect drawn");
             let n = b.size as usize;
             for y in 0..n {
@@ -503,22 +667,107 @@ mod tests {
                         });
                         assert!(
                             inside,
-                            "seed {seed}: changed pixel ({x},{y}) outside every box"
+                            "seed {seed}, {style:?}: changed pixel ({x},{y}) outside every box"
                         );
                     }
                 }
             }
             for &(x1, y1, x2, y2, c) in &b.defects {
-                assert!(x2 > x1 && y2 > y1 && x2 <= 160 && y2 <= 160 && c < 6);
+                assert!(x2 > x1 && y2 > y1 && x2 <= size && y2 <= size && c < 6);
                 let changed = (y1..y2).any(|y| {
                     (x1..x2).any(|x| {
                         let i = y as usize * n + x as usize;
                         b.test[i] != b.template[i]
                     })
                 });
-                assert!(changed, "seed {seed}: box covers no change");
+                assert!(changed, "seed {seed}, {style:?}: box covers no change");
             }
         }
+    }
+
+    fn mean_box_area(style: &PlantStyle, size: u32) -> f64 {
+        let boxes: Vec<_> = (0..30)
+            .flat_map(|seed| generate_board(seed, size, style, 4).defects)
+            .collect();
+        boxes
+            .iter()
+            .map(|&(x1, y1, x2, y2, _)| f64::from((x2 - x1) * (y2 - y1)))
+            .sum::<f64>()
+            / boxes.len() as f64
+    }
+
+    #[test]
+    fn boxes_cover_exactly_the_pixels_that_differ_from_the_template() {
+        assert_boxes_cover_changes(&clean_style(), 160, 0..40);
+    }
+
+    #[test]
+    fn boxes_cover_the_defects_under_blur_camera_scale_and_defect_size() {
+        let styles = [
+            PlantStyle {
+                blur: 1.2,
+                ..clean_style()
+            },
+            PlantStyle {
+                scale: 1.6,
+                ..clean_style()
+            },
+            PlantStyle {
+                scale: 0.6,
+                ..clean_style()
+            },
+            PlantStyle {
+                defect_scale: 2.0,
+                ..clean_style()
+            },
+            PlantStyle {
+                defect_scale: 0.6,
+                blur: 0.8,
+                scale: 1.3,
+                ..clean_style()
+            },
+        ];
+        for style in &styles {
+            assert_boxes_cover_changes(style, 96, 0..12);
+        }
+    }
+
+    #[test]
+    fn defect_size_and_camera_scale_grow_the_boxes_and_blur_softens_edges() {
+        let base = mean_box_area(&clean_style(), 128);
+        let big = mean_box_area(
+            &PlantStyle {
+                defect_scale: 2.0,
+                ..clean_style()
+            },
+            128,
+        );
+        let near = mean_box_area(
+            &PlantStyle {
+                scale: 1.8,
+                ..clean_style()
+            },
+            128,
+        );
+        assert!(big > base * 1.5, "defect_scale 2: {big} vs {base}");
+        assert!(near > base * 1.5, "scale 1.8: {near} vs {base}");
+        let edges = |style: &PlantStyle| {
+            let b = generate_board(5, 128, style, 4);
+            b.template
+                .windows(2)
+                .map(|w| (i32::from(w[0]) - i32::from(w[1])).abs())
+                .max()
+                .unwrap_or(0)
+        };
+        let sharp = edges(&clean_style());
+        let soft = edges(&PlantStyle {
+            blur: 2.0,
+            ..clean_style()
+        });
+        assert!(
+            soft * 2 < sharp,
+            "steepest step: blurred {soft}, sharp {sharp}"
+        );
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! binaries of this build) over mutual TLS on 127.0.0.1, two rounds of real (tiny) training
 //! with q8 deltas. plant-3 reaches the coordinator through a relay that cuts its round-1
 //! upload in the middle; the test then kills plant-3 with SIGKILL, checks that the coordinator
-//! dropped the partial upload, and starts plant-3 again on the same state folder: it sends its
-//! pending update again under the same update id and round 1 completes with all three plants,
-//! each counted once. Afterwards every published version is recomputed independently from the
+//! no longer receives the cut upload (its durable prefix moves to `blobs/partial`, nothing of
+//! it is recorded), and starts plant-3 again on the same state folder: it sends its pending
+//! update again under the same update id (resumed from the coordinator's durable bytes, or
+//! from byte 0) and round 1 completes with all three plants, each counted once. Afterwards every published version is recomputed independently from the
 //! stored deltas and sample counts (canonical FedAvg), with lineage and signatures checked.
 
 mod support;
@@ -62,9 +63,11 @@ fn a_plant_killed_mid_upload_resends_under_the_same_id_and_every_version_is_the_
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(9)
     );
-    fed.wait_for("the coordinator to drop the cut upload", WAIT, |_| {
-        Ok((!partial_uploads(&incoming)).then_some(()))
-    })
+    fed.wait_for(
+        "the coordinator to stop receiving the cut upload",
+        WAIT,
+        |_| Ok((!partial_uploads(&incoming)).then_some(())),
+    )
     .unwrap();
     let round1 = fed.round(1).unwrap();
     assert_eq!(round1.round.state, "collecting", "waits for its 3 plants");
@@ -132,7 +135,8 @@ fn payload_bytes(initial: &Path, codec: Codec) -> u64 {
     payload.len() as u64
 }
 
-/// Whether the coordinator holds an upload in progress (a `.part` file of its blob store).
+/// Whether the coordinator is receiving an upload (a `.part` file in `blobs/incoming`; a cut
+/// upload's durable prefix waits in `blobs/partial` instead).
 fn partial_uploads(incoming: &Path) -> bool {
     std::fs::read_dir(incoming)
         .map(|entries| {

@@ -6,8 +6,12 @@
 //! the config), take the base from the cache or download it (`state`), train on a blocking
 //! thread (`local`), sign the update, save it as pending *before* its first byte is sent, and
 //! upload it. A pending update is sent again with the same update id after a broken
-//! connection or a restart, so the coordinator counts it once (it answers "duplicate"). A
-//! refusal is logged with the coordinator's message and the agent waits for the next task.
+//! connection or a restart, so the coordinator counts it once: the agent first asks
+//! `UploadStatus`, stops if the update was accepted, and otherwise resumes from the bytes the
+//! coordinator holds durably (from byte 0 if it refuses the resume). A coordinator that
+//! restarts is ridden out the same way: reconnect with backoff, register, deliver the pending
+//! update, follow the new task stream. A refusal is logged with the coordinator's message and
+//! the agent waits for the next task.
 //!
 //! Shutdown (the watch channel turns true) is honoured between training steps, while waiting
 //! for a task, and during transfers (a pending update then waits for the next start).
@@ -74,6 +78,8 @@ pub struct Agent {
     events: Option<mpsc::UnboundedSender<Event>>,
     /// Newest round whose update the coordinator acknowledged in this process.
     delivered_round: Option<u64>,
+    /// Sessions that failed since the last registration (for the "reconnected" report).
+    failed_sessions: u32,
     /// Installed inference bundles and the engine builder (install tasks).
     bundles: bundle_task::BundleSide,
 }
@@ -119,6 +125,7 @@ impl Agent {
             faults: Faults::default(),
             events: None,
             delivered_round: None,
+            failed_sessions: 0,
             bundles,
         })
     }
@@ -153,6 +160,7 @@ impl Agent {
                     Err(e) => e.to_string(),
                 };
                 let delay = backoff.next_delay();
+                self.failed_sessions = self.failed_sessions.saturating_add(1);
                 tracing::warn!(%reason, delay_ms = delay.as_millis() as u64, "disconnected; reconnecting");
                 self.emit(Event::Disconnected { reason });
                 tokio::select! {
@@ -190,6 +198,11 @@ impl Agent {
         self.check_registration(&reg)?;
         backoff.reset();
         tracing::info!(coordinator = %reg.coordinator_id, "registered");
+        if self.failed_sessions > 0 {
+            let failed = std::mem::take(&mut self.failed_sessions);
+            tracing::info!(failed, "reconnected to the coordinator");
+            self.emit(Event::Reconnected { failed });
+        }
         self.emit(Event::Registered {
             plant_id: reg.plant_id,
             coordinator_id: reg.coordinator_id,
@@ -200,7 +213,7 @@ impl Agent {
                 update = %hex::encode(pending.header.update_id),
                 "sending the pending update again"
             );
-            if let Step::Shutdown = self.deliver(&mut conn, pending, shutdown).await? {
+            if let Step::Shutdown = self.deliver(&mut conn, pending, true, shutdown).await? {
                 return Ok(SessionEnd::Shutdown);
             }
         }
@@ -284,7 +297,7 @@ impl Agent {
         }
         if let Some(p) = self.state.pending() {
             if (p.header.round, p.header.base_version) == (task.round, task.base_version) {
-                return self.deliver(conn, p, shutdown).await;
+                return self.deliver(conn, p, true, shutdown).await;
             }
             self.state.drop_pending();
         }
@@ -319,7 +332,7 @@ impl Agent {
         };
         // Saved before the first byte goes out: a retry reuses this update id.
         self.state.save_pending(&pending, &trained.residual)?;
-        let step = self.deliver(conn, pending, shutdown).await?;
+        let step = self.deliver(conn, pending, false, shutdown).await?;
         if self.delivered_round == Some(task.round) && !calibration.is_empty() {
             // Only numbers leave the plant; a coordinator without bundles does not want them.
             match conn.report_calibration(task.round, &calibration).await {
@@ -470,36 +483,59 @@ impl Agent {
         Ok(header)
     }
 
-    /// Uploads a pending update. Acknowledged (or a duplicate): delivered. Refused: dropped,
-    /// with the coordinator's message logged. The connection failed: kept for the next try.
+    /// Uploads a pending update; `again` when it may have been sent before (then the
+    /// coordinator is asked what it holds first). Acknowledged (or a duplicate): delivered.
+    /// Refused: dropped, with the coordinator's message logged. The connection failed: kept
+    /// for the next try.
     async fn deliver(
         &mut self,
         conn: &mut Connection,
         p: Pending,
+        again: bool,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Step, AgentError> {
         let round = p.header.round;
         let id = p.header.update_id;
-        let sent = tokio::select! {
-            r = conn.upload(&p.header, p.payload.clone()) => r,
+        let from = if again {
+            let status = tokio::select! {
+                r = self.resume_point(conn, &p) => r?,
+                () = stopped(shutdown.clone()) => return Ok(Step::Shutdown),
+            };
+            match status {
+                None => return self.delivered(round, id, true),
+                Some(from) => from,
+            }
+        } else {
+            0
+        };
+        let cut = self.faults.cut_first_upload;
+        let to = if cut {
+            p.header.payload_bytes / 2
+        } else {
+            p.header.payload_bytes
+        };
+        let mut sent = tokio::select! {
+            r = conn.upload_range(&p.header, p.payload.clone(), from, to) => r,
             () = stopped(shutdown.clone()) => return Ok(Step::Shutdown),
         };
+        if cut && sent.as_ref().err().and_then(|e| e.code()) == Some(tonic::Code::DataLoss) {
+            self.faults.cut_first_upload = false; // the coordinator saw the cut-off stream
+        }
+        if from > 0 && sent.as_ref().is_err_and(|e| !e.is_transient()) {
+            if let Err(e) = &sent {
+                tracing::warn!(update = %hex::encode(id), from, refusal = %e, "the coordinator refused the resume; sending the update from byte 0");
+            }
+            sent = tokio::select! {
+                r = conn.upload(&p.header, p.payload.clone(), 0) => r,
+                () = stopped(shutdown.clone()) => return Ok(Step::Shutdown),
+            };
+        }
         match sent {
             Ok(_) if self.faults.lose_first_ack => {
                 self.faults.lose_first_ack = false;
                 Err(AgentError::InjectedAckLoss(hex::encode(id)))
             }
-            Ok(ack) => {
-                self.state.delivered()?;
-                self.delivered_round = self.delivered_round.max(Some(round));
-                tracing::info!(update = %hex::encode(id), duplicate = ack.duplicate, "update delivered");
-                self.emit(Event::Delivered {
-                    round,
-                    update_id: id,
-                    duplicate: ack.duplicate,
-                });
-                Ok(Step::Done)
-            }
+            Ok(ack) => self.delivered(round, id, ack.duplicate),
             Err(e) if e.is_transient() => Err(e.into()),
             Err(e) => {
                 tracing::warn!(update = %hex::encode(id), refusal = %e, "the coordinator refused the update; dropping it");
@@ -511,6 +547,52 @@ impl Agent {
                 Ok(Step::Done)
             }
         }
+    }
+
+    /// Where to send a pending update from: `None` when the coordinator accepted it already,
+    /// else its durable byte count (0 when it holds nothing or cannot say).
+    async fn resume_point(
+        &mut self,
+        conn: &mut Connection,
+        p: &Pending,
+    ) -> Result<Option<u64>, AgentError> {
+        let id = p.header.update_id;
+        let status = match conn.upload_status(&id).await {
+            Ok(s) => s,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(update = %hex::encode(id), error = %e, "cannot ask what the coordinator holds of the update; sending it from byte 0");
+                return Ok(Some(0));
+            }
+        };
+        if status.accepted {
+            tracing::info!(update = %hex::encode(id), "the coordinator accepted the update already");
+            return Ok(None);
+        }
+        let from = status.durable_bytes;
+        if from == 0 || from > p.header.payload_bytes {
+            return Ok(Some(0));
+        }
+        tracing::info!(update = %hex::encode(id), from, of = p.header.payload_bytes, "resuming the upload");
+        self.emit(Event::UploadResumed {
+            round: p.header.round,
+            update_id: id,
+            from,
+        });
+        Ok(Some(from))
+    }
+
+    /// Records a delivered update: the pending one becomes the last delivered.
+    fn delivered(&mut self, round: u64, id: [u8; 16], duplicate: bool) -> Result<Step, AgentError> {
+        self.state.delivered()?;
+        self.delivered_round = self.delivered_round.max(Some(round));
+        tracing::info!(update = %hex::encode(id), duplicate, "update delivered");
+        self.emit(Event::Delivered {
+            round,
+            update_id: id,
+            duplicate,
+        });
+        Ok(Step::Done)
     }
 
     fn emit(&self, event: Event) {

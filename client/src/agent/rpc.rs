@@ -20,7 +20,7 @@ use tonic::{Code, Status, Streaming};
 
 pub use bundle::DownloadError;
 
-use super::types::{Capabilities, Registration, Task, UpdateHeader, UploadAck};
+use super::types::{Capabilities, Registration, Task, UpdateHeader, UploadAck, UploadStatus};
 use crate::config::CoordinatorConfig;
 
 /// Largest model download accepted (the default detector is about 3.5 MB).
@@ -195,22 +195,41 @@ impl Connection {
         Ok(bytes)
     }
 
-    /// Sends `header`, then `payload` in chunks of at most 1 MiB from byte 0.
+    /// Sends `header`, then `payload` from byte `from` on (a resume: the bytes before it are
+    /// durable at the coordinator) in chunks of at most 1 MiB.
     pub async fn upload(
         &mut self,
         header: &UpdateHeader,
         payload: Arc<[u8]>,
+        from: u64,
+    ) -> Result<UploadAck, RpcError> {
+        let to = payload.len() as u64;
+        self.upload_range(header, payload, from, to).await
+    }
+
+    /// [`Connection::upload`] whose stream ends after byte `to` (a cut-off upload, for the
+    /// fault injection of tests).
+    pub async fn upload_range(
+        &mut self,
+        header: &UpdateHeader,
+        payload: Arc<[u8]>,
+        from: u64,
+        to: u64,
     ) -> Result<UploadAck, RpcError> {
         let total = payload.len() as u64;
-        let chunks = payload.len().div_ceil(CHUNK_BYTES);
+        let end = usize::try_from(to.min(total)).unwrap_or(payload.len());
+        let from = usize::try_from(from.min(total))
+            .unwrap_or(payload.len())
+            .min(end);
+        let chunks = (end - from).div_ceil(CHUNK_BYTES);
         let first = pb::UploadUpdateRequest {
             part: Some(pb::upload_update_request::Part::Header(
-                to_proto::update_header(header),
+                to_proto::update_header(header, from as u64),
             )),
         };
         let rest = (0..chunks).map(move |i| {
-            let start = i * CHUNK_BYTES;
-            let end = (start + CHUNK_BYTES).min(payload.len());
+            let start = from + i * CHUNK_BYTES;
+            let end = (start + CHUNK_BYTES).min(end);
             pb::UploadUpdateRequest {
                 part: Some(pb::upload_update_request::Part::Chunk(pb::Chunk {
                     offset: start as u64,
@@ -227,6 +246,27 @@ impl Connection {
             .await
             .map_err(|s| RpcError::status("UploadUpdate", s))?;
         from_proto::upload_ack(resp.into_inner(), &header.update_id)
+    }
+
+    /// How much of update `id` the coordinator holds: accepted, or a durable prefix.
+    pub async fn upload_status(&mut self, id: &[u8; 16]) -> Result<UploadStatus, RpcError> {
+        let req = pb::UploadStatusRequest {
+            protocol_version: PROTOCOL_VERSION,
+            update_id: id.to_vec(),
+        };
+        let pb::UploadStatusResponse {
+            durable_bytes,
+            accepted,
+        } = self
+            .client
+            .upload_status(req)
+            .await
+            .map_err(|s| RpcError::status("UploadStatus", s))?
+            .into_inner();
+        Ok(UploadStatus {
+            durable_bytes,
+            accepted,
+        })
     }
 }
 

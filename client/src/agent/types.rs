@@ -99,6 +99,15 @@ pub struct UpdateHeader {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// What the coordinator holds of an update (`UploadStatus`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadStatus {
+    /// Payload bytes it holds durably: where a resumed upload starts.
+    pub durable_bytes: u64,
+    /// It accepted the update already; nothing needs sending.
+    pub accepted: bool,
+}
+
 /// The coordinator's acknowledgement of an upload.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UploadAck {
@@ -139,6 +148,9 @@ pub struct Faults {
     /// Treat the acknowledgement of the first upload as lost: the update stays pending, the
     /// connection is dropped, and the agent reconnects and sends it again with the same id.
     pub lose_first_ack: bool,
+    /// End the first upload's stream after half of its payload, as a broken connection
+    /// would: the coordinator keeps that half, and the retry resumes from it.
+    pub cut_first_upload: bool,
 }
 
 /// What the agent did, for tests and monitoring (see [`super::Agent::events`]).
@@ -173,6 +185,17 @@ pub enum Event {
     },
     Disconnected {
         reason: String,
+    },
+    /// Registered again after `failed` connection attempts or sessions had failed.
+    Reconnected {
+        failed: u32,
+    },
+    /// A pending update is sent from byte `from`, the bytes before it being durable at the
+    /// coordinator already.
+    UploadResumed {
+        round: u64,
+        update_id: [u8; 16],
+        from: u64,
     },
     /// An install task ended: installed (`ok`) or refused, with what was reported.
     BundleInstall(InstallOutcome),

@@ -43,11 +43,40 @@ pub struct BenchArgs {
     /// Also print the figures as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Instead: export --checkpoint to ONNX (time, sizes) and time tch, onnxruntime FP32 and
+    /// (with --int8 --data) onnxruntime INT8 at batch 1 on the CPU, in turns.
+    #[arg(long, requires = "checkpoint")]
+    onnx: bool,
+    /// The checkpoint for --onnx.
+    #[arg(long)]
+    checkpoint: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    int8: super::export::Int8Args,
+    /// Keep --onnx's files in this folder [default: a temporary one].
+    #[arg(long)]
+    onnx_out: Option<std::path::PathBuf>,
+    /// A Python with onnxruntime [default: $FEDINSPECT_PYTHON, else python3].
+    #[arg(long)]
+    runtime_python: Option<std::path::PathBuf>,
+    /// Untimed rounds before --onnx's timed ones.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.threads > 0 {
         tch::set_num_threads(i32::try_from(a.threads)?);
+    }
+    if let (true, Some(checkpoint)) = (a.onnx, a.checkpoint.clone()) {
+        return super::onnx_bench::run(&super::onnx_bench::OnnxBench {
+            checkpoint,
+            int8: a.int8,
+            out: a.onnx_out,
+            python: a.runtime_python,
+            threads: usize::try_from(tch::get_num_threads())?,
+            warmup: a.warmup,
+            iters: a.infer_iters,
+        });
     }
     let opts = bench::BenchOptions {
         arch: ArchConfig {

@@ -8,7 +8,10 @@ use tch::Device;
 
 pub mod bench;
 pub mod bundle;
+pub mod eval_onnx;
+pub mod export;
 pub mod infer;
+pub mod onnx_bench;
 pub mod train;
 
 pub fn device(name: &str) -> Result<Device> {

@@ -22,9 +22,15 @@
 //! tonic (with `tls-ring`) builds its own rustls configs from PEM; [`TlsMaterial::tonic_pem`]
 //! hands over the PEM bytes that passed these checks. gRPC needs ALPN `h2`; set
 //! `alpn_protocols` on the rustls configs here when serving HTTP/2 over them directly.
+//!
+//! # Refused client certificates
+//! The coordinator does not use tonic's acceptor: [`TlsMaterial::audited_server_tls`] gives
+//! one server config per connection whose [`RecordingVerifier`] keeps what it refused, so the
+//! acceptor can audit it with the peer's address (`refusal`).
 
 mod identity;
 mod load;
+mod refusal;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +45,10 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub use identity::{
     certificate_info, format_time, peer_identity, validate_name, CertificateInfo, PeerIdentity,
     Role, MAX_NAME_LEN, URI_PREFIX,
+};
+pub use refusal::{
+    AuditedServerTls, CertificateRefusal, PresentedCertificate, RecordingVerifier, RefusalReason,
+    RefusalSlot,
 };
 
 /// Everything that can be wrong with TLS files, certificates or peers.
@@ -159,6 +169,25 @@ impl TlsMaterial {
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(config_error)?;
         Ok(Arc::new(config))
+    }
+
+    /// The server TLS of a coordinator that audits refused client certificates: one config
+    /// per connection, each recording its own refusal ([`AuditedServerTls::connection`]).
+    /// `alpn` is offered as is (gRPC needs `h2`).
+    pub fn audited_server_tls(&self, alpn: &[&[u8]]) -> Result<AuditedServerTls, TlsError> {
+        let verifier = client_verifier(self.roots.clone(), self.provider.clone())?;
+        let certified = rustls::sign::CertifiedKey::from_der(
+            self.chain.clone(),
+            self.key.clone_key(),
+            &self.provider,
+        )
+        .map_err(config_error)?;
+        Ok(AuditedServerTls::new(
+            self.provider.clone(),
+            verifier,
+            certified,
+            alpn.iter().map(|p| p.to_vec()).collect(),
+        ))
     }
 
     /// A client config that presents our certificate and trusts only the CA.

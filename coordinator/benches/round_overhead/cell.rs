@@ -126,7 +126,7 @@ const TMPFS: &str = "/dev/shm";
 
 /// The coordinator's data folder: under the cell's folder when its disk has `need` bytes
 /// free, else on tmpfs (the report says so: fsync there costs nothing).
-fn data_dir(cell: &Path, need: u64) -> Result<PathBuf> {
+pub(crate) fn data_dir(cell: &Path, need: u64) -> Result<PathBuf> {
     let free = free_bytes(cell)?;
     if free >= need {
         return Ok(cell.join("data"));
@@ -231,16 +231,16 @@ async fn drive(
 }
 
 /// A round as its records tell it.
-struct RoundFigures {
-    round: u64,
-    wall_s: f64,
-    agg_s: f64,
-    fleet_bytes: u64,
-    model: ModelState,
+pub(crate) struct RoundFigures {
+    pub round: u64,
+    pub wall_s: f64,
+    pub agg_s: f64,
+    pub fleet_bytes: u64,
+    pub model: ModelState,
 }
 
 /// Reads the rounds and their models from the stopped coordinator's data folder.
-fn read_records(data: &Path, rounds: u32) -> Result<Vec<RoundFigures>> {
+pub(crate) fn read_records(data: &Path, rounds: u32) -> Result<Vec<RoundFigures>> {
     let store = Store::open(&data.join("db"))?;
     let blobs = BlobStore::open(&data.join("blobs"))?;
     let mut out = Vec::new();
@@ -311,12 +311,12 @@ fn check(
     (ok, failures)
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
 
-fn write_config(
+pub(crate) fn write_config(
     dir: &Path,
     data: &Path,
     layout: &PkiLayout,
@@ -360,7 +360,7 @@ max_samples_per_plant = 1000000
     Ok(path)
 }
 
-fn spawn_coordinator(dir: &Path, config: &Path) -> Result<Child> {
+pub(crate) fn spawn_coordinator(dir: &Path, config: &Path) -> Result<Child> {
     let log = std::fs::File::create(dir.join("coordinator.log"))?;
     Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .arg("serve")
@@ -378,7 +378,7 @@ fn spawn_coordinator(dir: &Path, config: &Path) -> Result<Child> {
 }
 
 /// Connects an admin client once the coordinator listens (it stores version 1 first).
-async fn wait_for_admin(
+pub(crate) async fn wait_for_admin(
     url: &str,
     layout: &PkiLayout,
     coordinator: &mut Child,
@@ -399,7 +399,7 @@ async fn wait_for_admin(
 }
 
 /// SIGTERM (graceful drain), then SIGKILL after 30 s.
-fn stop(child: &mut Child) -> Result<()> {
+pub(crate) fn stop(child: &mut Child) -> Result<()> {
     if child.try_wait()?.is_some() {
         return Ok(());
     }

@@ -8,7 +8,10 @@
 //! ratio to the peer baseline.
 //!
 //! `scripts/cargo bench -p fedinspect-coordinator --bench round_overhead -- [--cells 4x1M,...]
-//! [--rounds 5] [--flower 16x10M|none] [--flower-rounds 2] [--keep]`
+//! [--rounds 5] [--flower 16x10M|none] [--flower-rounds 2] [--keep] [--load 200x10M]`
+//!
+//! `--load KxP` runs the load cell instead of the grid ([`load`]): K plants uploading at
+//! once in one round (`--cells none --flower none` are implied).
 //!
 //! The coordinator is the real `coordinator` binary in its own process; the plants are tokio
 //! tasks of this process (one connection and certificate each), so "plants RSS" is this
@@ -16,6 +19,7 @@
 
 mod cell;
 mod flower;
+mod load;
 mod plant;
 mod procfs;
 mod tls_bound;
@@ -37,6 +41,7 @@ struct Args {
     flower: Option<String>,
     flower_rounds: u32,
     keep: bool,
+    load: Option<(u32, ModelSize)>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -46,6 +51,7 @@ fn parse_args() -> Result<Args> {
         flower: Some("16x10M".into()),
         flower_rounds: 2,
         keep: false,
+        load: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -59,9 +65,10 @@ fn parse_args() -> Result<Args> {
             }
             "--flower-rounds" => a.flower_rounds = value()?.parse()?,
             "--keep" => a.keep = true,
+            "--load" => a.load = Some(parse_cells(&value()?)?[0]),
             "--bench" => {} // passed by `cargo bench`
             other => bail!(
-                "unknown argument {other}; use --cells 4x1M,16x10M --rounds 5 --flower 16x10M|none --flower-rounds 2 --keep"
+                "unknown argument {other}; use --cells 4x1M,16x10M --rounds 5 --flower 16x10M|none --flower-rounds 2 --keep --load 200x10M"
             ),
         }
     }
@@ -103,6 +110,21 @@ fn main() -> ExitCode {
 /// Runs the grid; false if any model differed from the canonical checksums.
 async fn run() -> Result<bool> {
     let args = parse_args()?;
+    if let Some((clients, size)) = args.load {
+        let work = tempfile::Builder::new().prefix("load-").tempdir()?;
+        println!(
+            "load: {clients} plants x {} f32, one round, mTLS on 127.0.0.1; {} cores; load at start {}",
+            size.label(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            procfs::loadavg()
+        );
+        let ok = load::run(work.path(), clients, size).await?;
+        println!("load at end {}", procfs::loadavg());
+        if args.keep {
+            println!("work folder kept: {}", work.keep().display());
+        }
+        return Ok(ok);
+    }
     let checksums = workload::load_checksums(&workload::checksums_path()).with_context(|| {
         format!(
             "cannot read the canonical checksums {}",

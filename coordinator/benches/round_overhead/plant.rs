@@ -207,6 +207,18 @@ fn header(
     payload: &[u8],
     sha: [u8; 32],
 ) -> Result<pb::UpdateHeader> {
+    header_for_len(plant, key, task, num_samples, payload.len() as u64, sha)
+}
+
+/// The signed header of a `payload_bytes`-long f32 payload whose stream SHA-256 is `sha`.
+pub(crate) fn header_for_len(
+    plant: &str,
+    key: &SigningKey,
+    task: &pb::TrainTask,
+    num_samples: u64,
+    payload_bytes: u64,
+    sha: [u8; 32],
+) -> Result<pb::UpdateHeader> {
     let mut update_id = [0u8; 16];
     update_id[..8].copy_from_slice(&task.round.to_le_bytes());
     update_id[8..].copy_from_slice(
@@ -231,7 +243,7 @@ fn header(
         base_hash: task.base_hash.clone(),
         codec: pb::Codec::F32.into(),
         num_samples,
-        payload_bytes: payload.len() as u64,
+        payload_bytes,
         payload_sha256: sha.to_vec(),
         plant_signature: manifest.sign(key)?,
         metrics: Default::default(),
@@ -240,7 +252,7 @@ fn header(
 }
 
 /// Streams version `version`, checking offsets and the final SHA-256; keeps no copy.
-async fn download(client: &mut FederationClient<Channel>, version: u64) -> Result<u64> {
+pub(crate) async fn download(client: &mut FederationClient<Channel>, version: u64) -> Result<u64> {
     let mut stream = client
         .download_model(pb::DownloadModelRequest {
             protocol_version: PROTOCOL_VERSION,

@@ -9,7 +9,11 @@
 //! [`QUEUE`] chunks are queued, so a slow disk or decoder slows the plant down instead of
 //! filling memory. A refused payload stops the task at once, and the next [`PayloadTask::push`]
 //! returns its reason; a cut-off stream ends it with a truncation error. Whatever stops it,
-//! the values it gave the running mean are taken out again before its file is removed.
+//! the values it gave the running mean are taken out again before its file is removed, or,
+//! for a cut-off stream, before its received prefix is held for a resume (`Incoming::hold`).
+//!
+//! A resumed upload first replays its held prefix from disk through the same hash and decoder
+//! (at most [`REPLAY_BYTES`] at a time), then continues with the stream's chunks.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -18,12 +22,16 @@ use fedinspect_common::delta::{self, DeltaSink, PrehashedRead, CHECKSUM_LEN};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::resume::Start;
 use crate::error::CoreError;
 use crate::hub::{Feed, OpenRound};
 use crate::storage::{BlobStore, DeltaFile, Incoming, StorageError};
 
 /// Chunks queued between the gRPC stream and the decoder.
 const QUEUE: usize = 2;
+
+/// Bytes of a held prefix read back at a time.
+const REPLAY_BYTES: usize = 1 << 16;
 
 /// The thread decoding one upload, and the queue that feeds it.
 pub struct PayloadTask {
@@ -40,10 +48,16 @@ pub struct Decoded {
 }
 
 impl PayloadTask {
-    /// Starts decoding an upload for `round` into a new temporary blob of `blobs`.
-    pub fn spawn(blobs: BlobStore, round: Arc<OpenRound>, feed: Option<Feed>) -> Self {
+    /// Starts decoding an upload for `round` into its resumable file in `blobs` (a new one,
+    /// or the held prefix `start` names, replayed first).
+    pub fn spawn(
+        blobs: BlobStore,
+        round: Arc<OpenRound>,
+        feed: Option<Feed>,
+        start: Start,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::task::spawn_blocking(move || run(&blobs, &round, feed, rx));
+        let task = tokio::task::spawn_blocking(move || run(&blobs, &round, feed, start, rx));
         Self {
             tx: Some(tx),
             task: Some(task),
@@ -82,9 +96,10 @@ fn run(
     blobs: &BlobStore,
     round: &OpenRound,
     mut feed: Option<Feed>,
+    start: Start,
     rx: mpsc::Receiver<Vec<u8>>,
 ) -> Result<Decoded, CoreError> {
-    let incoming = match blobs.incoming() {
+    let incoming = match blobs.resumable(start.claim, start.mark) {
         Ok(i) => i,
         Err(e) => {
             if let Some(feed) = feed {
@@ -94,14 +109,16 @@ fn run(
         }
     };
     let codec = round.record.plan.codec;
+    let total_len = delta::encoded_len(&round.layout, codec);
     let mut tee = Tee {
         rx,
         chunk: Vec::new(),
         pos: 0,
         incoming,
         failed: None,
-        body_len: delta::encoded_len(&round.layout, codec).saturating_sub(CHECKSUM_LEN as u64),
+        body_len: total_len.saturating_sub(CHECKSUM_LEN as u64),
         body_sha256: None,
+        ended: false,
     };
     let mut sink = Sink {
         squares: 0.0,
@@ -110,7 +127,10 @@ fn run(
     let result = delta::decode_prehashed(&mut tee, &round.layout, Some(codec), &mut sink);
     let squares = sink.squares;
     let Tee {
-        incoming, failed, ..
+        incoming,
+        failed,
+        ended,
+        ..
     } = tee;
     match result {
         Ok(_) => Ok(Decoded {
@@ -121,6 +141,22 @@ fn run(
         Err(e) => {
             if let Some(feed) = feed {
                 take_out(feed, incoming.path(), round);
+            }
+            // Cut off before its end, with every received byte written: keep the prefix.
+            let got = incoming.len();
+            if failed.is_none() && ended && got < total_len {
+                match incoming.hold() {
+                    Ok(held) => {
+                        tracing::info!(held, "upload cut off; its prefix is kept for a resume")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot keep a cut-off upload's prefix; the plant will send it again from byte 0")
+                    }
+                }
+                return Err(CoreError::Truncated {
+                    got,
+                    expected: total_len,
+                });
             }
             Err(match failed {
                 Some(storage) => storage.into(),
@@ -153,6 +189,8 @@ struct Tee {
     body_len: u64,
     /// SHA-256 of the first `body_len` bytes, once they are written.
     body_sha256: Option<[u8; 32]>,
+    /// Whether the stream ended (its sender was dropped).
+    ended: bool,
 }
 
 impl Tee {
@@ -171,6 +209,23 @@ impl Tee {
         }
         self.incoming.write(chunk)
     }
+
+    /// Reads the next piece of a resumed upload's held prefix into `self.chunk`, never across
+    /// the end of the body, so the body's hash is taken exactly where it ends.
+    fn replay(&mut self) -> Result<(), StorageError> {
+        let len = self.incoming.len();
+        let limit = match self.body_len.checked_sub(len) {
+            Some(0) | None => REPLAY_BYTES,
+            Some(left) => usize::try_from(left).unwrap_or(REPLAY_BYTES),
+        };
+        self.chunk.resize(REPLAY_BYTES, 0);
+        let n = self.incoming.replay(&mut self.chunk, limit)?;
+        self.chunk.truncate(n);
+        if self.incoming.len() == self.body_len {
+            self.body_sha256 = Some(self.incoming.digest().0);
+        }
+        Ok(())
+    }
 }
 
 impl PrehashedRead for Tee {
@@ -182,7 +237,17 @@ impl PrehashedRead for Tee {
 impl Read for Tee {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.chunk.len() {
+            if self.incoming.to_replay() > 0 {
+                if let Err(e) = self.replay() {
+                    let io = io::Error::other(e.to_string());
+                    self.failed = Some(e);
+                    return Err(io);
+                }
+                self.pos = 0;
+                continue;
+            }
             let Some(chunk) = self.rx.blocking_recv() else {
+                self.ended = true;
                 return Ok(0); // the stream ended
             };
             if let Err(e) = self.write(&chunk) {

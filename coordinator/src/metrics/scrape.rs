@@ -79,6 +79,7 @@ pub fn render(hub: &Hub) -> Result<String, CoreError> {
         "Seconds the last aggregation took.",
         c.aggregation_seconds_last,
     );
+    hub.metrics.handshakes.render(&mut e);
     gauges(hub, &mut e)?;
     Ok(e.into_text())
 }

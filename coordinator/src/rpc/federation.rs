@@ -156,7 +156,16 @@ impl FederationService {
             .filter(|r| r.record.base_version == record.version);
         let span = tracing::info_span!("download", plant, version = record.version);
         let metrics = self.hub.metrics.clone();
-        tokio::spawn(send_file(file, offset, record, round, tx, metrics).instrument(span));
+        // Past `limits.max_concurrent_downloads`, a download waits for a slot before its
+        // first chunk is read, so queued chunks do not grow with the number of plants.
+        let slots = self.hub.download_slots.clone();
+        tokio::spawn(
+            async move {
+                let _slot = slots.acquire_owned().await;
+                send_file(file, offset, record, round, tx, metrics).await
+            }
+            .instrument(span),
+        );
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
@@ -165,7 +174,7 @@ impl FederationService {
         plant: &str,
         mut stream: Streaming<pb::UploadUpdateRequest>,
     ) -> Result<pb::UploadUpdateResponse, CoreError> {
-        let header = match next_part(&mut stream).await? {
+        let header = match next_part(&mut stream, self.hub.policy.stream_idle_timeout).await? {
             Some(pb::upload_update_request::Part::Header(h)) => UpdateHeader::try_from(h)?,
             Some(pb::upload_update_request::Part::Chunk(_)) | None => {
                 return Err(FromProtoError::HeaderFirst.into())
@@ -178,7 +187,7 @@ impl FederationService {
             }
             Admission::Fresh(r) => r,
         };
-        while let Some(part) = next_part(&mut stream).await? {
+        while let Some(part) = next_part(&mut stream, self.hub.policy.stream_idle_timeout).await? {
             match part {
                 pb::upload_update_request::Part::Chunk(c) => {
                     let pb::Chunk {
@@ -195,6 +204,7 @@ impl FederationService {
             }
         }
         let accepted = receiving.finish().await?;
+        crate::failpoint::hit_deferred(crate::failpoint::UPLOAD_AFTER_ACK);
         tracing::info!(
             plant,
             round = accepted.record.round,
@@ -218,14 +228,19 @@ impl FederationService {
         intake::check_protocol(protocol_version)?;
         self.registered_plant(plant)?;
         let id = from_proto::update_id(&update_id)?;
-        // Partial uploads are not kept, so an update is either wholly durable or not at all.
+        // Accepted: all of it. Otherwise the durable prefix a broken stream of this plant left
+        // for the open round (0 for another plant's id).
         Ok(match self.hub.store.update_by_id(&id)? {
             Some(u) if u.plant_id == plant => pb::UploadStatusResponse {
                 durable_bytes: u.payload_bytes,
                 accepted: true,
             },
-            _ => pb::UploadStatusResponse {
+            Some(_) => pb::UploadStatusResponse {
                 durable_bytes: 0,
+                accepted: false,
+            },
+            None => pb::UploadStatusResponse {
+                durable_bytes: intake::resume::durable_bytes(&self.hub, plant, &id),
                 accepted: false,
             },
         })
@@ -288,6 +303,9 @@ impl Federation for FederationService {
         let who = auth::caller(&request, Role::Plant)
             .map_err(|e| self.refuse(&auth::actor(&request), "upload_update", e))?;
         let actor = format!("plant:{}", who.id);
+        // Past `limits.max_concurrent_uploads` streams, a plant waits here with its stream
+        // unread: HTTP/2 flow control holds it back, so memory does not grow with plants.
+        let _slot = self.hub.upload_slots.clone().acquire_owned().await;
         self.upload_inner(&who.id, request.into_inner())
             .instrument(tracing::info_span!("upload", plant = %who.id))
             .await
@@ -361,16 +379,24 @@ impl Federation for FederationService {
     }
 }
 
-/// The next part of an upload; a broken stream counts as a cut-off upload.
+/// The next part of an upload; a broken stream, or one that sends nothing for `idle`
+/// (a plant that answers HTTP/2 pings but stalls), counts as a cut-off upload.
 async fn next_part(
     stream: &mut Streaming<pb::UploadUpdateRequest>,
+    idle: std::time::Duration,
 ) -> Result<Option<pb::upload_update_request::Part>, CoreError> {
-    match stream.message().await {
+    let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
+        return Err(CoreError::Malformed(format!(
+            "no upload data for {} s (round.stream_idle_timeout_secs); ask UploadStatus and resume the update from its durable bytes",
+            idle.as_secs()
+        )));
+    };
+    match message {
         Ok(Some(pb::UploadUpdateRequest { part: Some(part) })) => Ok(Some(part)),
         Ok(Some(pb::UploadUpdateRequest { part: None })) => Err(FromProtoError::EmptyPart.into()),
         Ok(None) => Ok(None),
         Err(s) => Err(CoreError::Malformed(format!(
-            "the upload stream failed ({}); send the update again",
+            "the upload stream failed ({}); ask UploadStatus and resume the update from its durable bytes",
             s.message()
         ))),
     }

@@ -17,31 +17,33 @@ mod to_proto;
 use std::future::Future;
 use std::sync::Arc;
 
-use fedinspect_common::tls::TonicPem;
 use fedinspect_proto::v1::admin_server::AdminServer;
 use fedinspect_proto::v1::federation_server::FederationServer;
 use fedinspect_proto::MAX_MESSAGE_BYTES;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::hub::Hub;
 
-/// A server TLS config that requires a client certificate issued by the CA.
-pub fn server_tls(pem: &TonicPem) -> ServerTlsConfig {
-    ServerTlsConfig::new()
-        .identity(Identity::from_pem(&pem.cert_pem, &pem.key_pem))
-        .client_ca_root(Certificate::from_pem(&pem.ca_pem))
-        .client_auth_optional(false)
-}
-
-/// Serves both services on `listener` until `shutdown` completes, then drains connections.
-pub async fn serve(
+/// Serves both services on connections whose TLS handshake the coordinator's own acceptor
+/// finished (`node::accept`, which audits refused client certificates), until `shutdown`
+/// completes. A connection that does not answer an HTTP/2 ping within `idle` (pinged every
+/// `idle / 2`, closed `idle / 2` later) is closed, so a stalled or vanished plant cannot hold
+/// an upload open: its handler sees the stream fail.
+pub async fn serve_accepted<I, IO>(
     hub: Arc<Hub>,
-    tls: ServerTlsConfig,
-    listener: TcpListener,
+    incoming: I,
+    idle: std::time::Duration,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), tonic::transport::Error>
+where
+    I: tokio_stream::Stream<Item = Result<IO, std::io::Error>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+{
     let federation = FederationServer::new(federation::FederationService::new(hub.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -50,10 +52,11 @@ pub async fn serve(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (health, shutdown) = health::health(shutdown).await;
     Server::builder()
-        .tls_config(tls)?
+        .http2_keepalive_interval(Some(idle / 2))
+        .http2_keepalive_timeout(Some(idle / 2))
         .add_service(health)
         .add_service(federation)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -21,7 +21,8 @@ fn code(e: &CoreError) -> Code {
         | PayloadOverrun { .. }
         | BadDelta(_)
         | PlantSignature { .. }
-        | NormExceeded { .. } => Code::InvalidArgument,
+        | NormExceeded { .. }
+        | ResumeHeaderChanged { .. } => Code::InvalidArgument,
         ProtocolVersion { .. }
         | NotRegistered(_)
         | NoRoundOpen
@@ -29,7 +30,7 @@ fn code(e: &CoreError) -> Code {
         | StaleBase { .. }
         | BaseHashMismatch { .. }
         | WrongCodec { .. }
-        | ResumeUnsupported(_)
+        | ResumeOffset { .. }
         | RoundClosed { .. }
         | NotSampled { .. }
         | NoModel
@@ -37,8 +38,10 @@ fn code(e: &CoreError) -> Code {
         | AdminRefused(_) => Code::FailedPrecondition,
         WrongRole { .. } | Revoked { .. } | PlantKeyChanged { .. } => Code::PermissionDenied,
         Unauthenticated(_) => Code::Unauthenticated,
+        UploadInProgress { .. } => Code::Aborted,
         AlreadyContributed { .. } | UpdateIdTaken { .. } => Code::AlreadyExists,
-        PayloadTooLarge { .. } => Code::ResourceExhausted,
+        PayloadTooLarge { .. } | DiskFull(_) => Code::ResourceExhausted,
+        DataReadOnly(_) => Code::Unavailable,
         Truncated { .. } | PayloadDigest { .. } => Code::DataLoss,
         UnknownVersion(_) | UnknownPlant(_) | UnknownRound(_) => Code::NotFound,
         Model(_) | Aggregation(_) | Signing(_) | Storage(_) | Internal(_) => Code::Internal,

@@ -4,10 +4,14 @@
 //!
 //! An upload arrives over time and its address is known only at its end, so it is written
 //! through [`Incoming`] (blocking code, on the upload's own thread) rather than with
-//! `fsutil::write_atomic`: the same temp file, fsync, rename and folder fsync, in steps.
+//! `fsutil::write_atomic`: the same temp file, fsync, rename and folder fsync, in steps. An
+//! upload that can be resumed ([`BlobStore::resumable`]) is one whose file and durable prefix
+//! are managed by `partial` as well: a broken stream leaves its checkpointed prefix there
+//! ([`Incoming::hold`]) instead of deleting it.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use fedinspect_common::delta::{Codec, Layout};
@@ -15,16 +19,19 @@ use fedinspect_common::fsutil;
 use ring::rand::SecureRandom;
 
 use super::delta_file::DeltaFile;
+use super::partial::{Claim, PartialMark, Partials, Resumable, SYNC_EVERY};
 use super::StorageError;
 use crate::records::Digest;
 
 /// Bytes read at a time when a blob is hashed.
 const VERIFY_BUF: usize = 1 << 20;
 
-/// Blobs under `root`, uploads in progress under `root/incoming`.
+/// Blobs under `root`, uploads in progress under `root/incoming`, held partial uploads under
+/// `root/partial`.
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     root: PathBuf,
+    partials: Partials,
 }
 
 /// An upload being written to a temporary file while it is hashed; removed unless committed.
@@ -34,21 +41,27 @@ pub struct Incoming {
     file: Option<File>,
     hash: ring::digest::Context,
     len: u64,
+    /// Bytes already in the file when it was opened (a resumed upload's durable prefix); the
+    /// first `held` bytes are replayed ([`Incoming::replay`]) before anything is written.
+    held: u64,
+    /// Set for uploads that can be resumed after a broken stream.
+    resumable: Option<Resumable>,
 }
 
 impl BlobStore {
-    /// Opens the store in `root`, creating it, and deletes uploads a crash left behind.
+    /// Opens the store in `root`, creating it; deletes uploads a crash left behind except the
+    /// checkpointed prefixes of resumable ones, cut to their last checkpoint (`partial`).
     pub fn open(root: &Path) -> Result<Self, StorageError> {
-        let store = Self {
+        let partials = Partials::open(root)?;
+        Ok(Self {
             root: root.to_path_buf(),
-        };
-        let incoming = store.incoming_dir();
-        std::fs::create_dir_all(&incoming).map_err(|e| blob_err(&incoming, e))?;
-        for entry in std::fs::read_dir(&incoming).map_err(|e| blob_err(&incoming, e))? {
-            let path = entry.map_err(|e| blob_err(&incoming, e))?.path();
-            std::fs::remove_file(&path).map_err(|e| blob_err(&path, e))?;
-        }
-        Ok(store)
+            partials,
+        })
+    }
+
+    /// The held partial uploads.
+    pub fn partials(&self) -> &Partials {
+        &self.partials
     }
 
     /// Where the blob with this digest lives (whether or not it exists).
@@ -167,6 +180,25 @@ impl BlobStore {
             file: Some(file),
             hash: ring::digest::Context::new(&ring::digest::SHA256),
             len: 0,
+            held: 0,
+            resumable: None,
+        })
+    }
+
+    /// Starts or resumes the claimed upload (blocking): with `mark.durable_bytes > 0` its held
+    /// prefix (checked with `Partials::verify` by the caller) is taken back and must be
+    /// replayed first; otherwise a new file. Fsynced and marked every `SYNC_EVERY` bytes.
+    pub fn resumable(&self, claim: Claim, mark: PartialMark) -> Result<Incoming, StorageError> {
+        let held = mark.durable_bytes;
+        let (path, file, resumable) = self.partials.open_file(claim, mark)?;
+        Ok(Incoming {
+            store: self.clone(),
+            path,
+            file: Some(file),
+            hash: ring::digest::Context::new(&ring::digest::SHA256),
+            len: 0,
+            held,
+            resumable: Some(resumable),
         })
     }
 
@@ -176,13 +208,65 @@ impl BlobStore {
 }
 
 impl Incoming {
-    /// Appends `bytes` (blocking; unbuffered, so the bytes can be read back at once).
+    /// Appends `bytes` (blocking; unbuffered, so the bytes can be read back at once). A
+    /// resumable upload is checkpointed once `SYNC_EVERY` bytes arrived since the last one.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        assert!(self.len >= self.held, "replay the held prefix first");
         let file = self.file.as_mut().expect("the file is open until sealed");
         file.write_all(bytes).map_err(|e| blob_err(&self.path, e))?;
         self.hash.update(bytes);
         self.len += bytes.len() as u64;
+        if let Some(r) = self.resumable.as_mut() {
+            if self.len - r.synced >= SYNC_EVERY {
+                let digest = self.hash.clone().finish();
+                r.checkpoint(file, &self.path, self.len, digest.as_ref())?;
+            }
+        }
         Ok(())
+    }
+
+    /// Bytes of a resumed upload's held prefix not replayed yet.
+    pub fn to_replay(&self) -> u64 {
+        self.held.saturating_sub(self.len)
+    }
+
+    /// Reads the next bytes of the held prefix into `buf` (at most `limit`), hashing them as
+    /// if they had just been written; 0 once the prefix is replayed.
+    pub fn replay(&mut self, buf: &mut [u8], limit: usize) -> Result<usize, StorageError> {
+        let left = usize::try_from(self.to_replay()).unwrap_or(usize::MAX);
+        let want = buf.len().min(limit).min(left);
+        if want == 0 {
+            return Ok(0);
+        }
+        let file = self.file.as_ref().expect("the file is open until sealed");
+        let n = file
+            .read_at(&mut buf[..want], self.len)
+            .map_err(|e| blob_err(&self.path, e))?;
+        if n == 0 {
+            let e = io::Error::new(io::ErrorKind::UnexpectedEof, "the held prefix is short");
+            return Err(blob_err(&self.path, e));
+        }
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    /// Keeps what a broken stream delivered for a later resume (blocking): fsync, mark, and
+    /// move to `partial/`. Returns the durable byte count; 0 (and nothing kept) for an upload
+    /// that is not resumable or received nothing.
+    pub fn hold(mut self) -> Result<u64, StorageError> {
+        let (Some(r), Some(file)) = (self.resumable.as_mut(), self.file.as_ref()) else {
+            return Ok(0);
+        };
+        if self.len == 0 {
+            return Ok(0);
+        }
+        let digest = self.hash.clone().finish();
+        r.checkpoint(file, &self.path, self.len, digest.as_ref())?;
+        r.park(&self.path)?;
+        self.path = PathBuf::new();
+        self.resumable = None; // keeps the mark; releases the claim
+        Ok(self.len)
     }
 
     /// Bytes written so far.
@@ -227,6 +311,9 @@ impl Incoming {
         std::fs::rename(&self.path, &target).map_err(|e| blob_err(&target, e))?;
         fsutil::sync_dir(&dir).map_err(|e| blob_err(&dir, e))?;
         self.path = PathBuf::new();
+        if let Some(r) = self.resumable.take() {
+            r.forget();
+        }
         Ok(digest)
     }
 }
@@ -236,6 +323,10 @@ impl Drop for Incoming {
         if !self.path.as_os_str().is_empty() {
             // Best effort: a leftover is removed at the next start anyway.
             let _ = std::fs::remove_file(&self.path);
+        }
+        // A resumable upload dropped without `hold` was refused or failed: nothing is kept.
+        if let Some(r) = self.resumable.take() {
+            r.forget();
         }
     }
 }

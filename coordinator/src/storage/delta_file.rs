@@ -228,6 +228,7 @@ impl DeltaSource for DeltaFile {
     }
 
     fn read(&self, name: &str, offset: usize, out: &mut [f32]) -> io::Result<()> {
+        crate::failpoint::hit(crate::failpoint::AGGREGATE_READ_TILE);
         let t = self.tensor(name)?;
         if out.is_empty() {
             return Ok(());

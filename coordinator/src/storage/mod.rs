@@ -23,11 +23,14 @@
 mod blobs;
 pub mod check;
 mod delta_file;
+mod disk;
+pub mod partial;
 pub mod retention;
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -36,6 +39,8 @@ use sled::Transactional;
 
 pub use blobs::{BlobStore, Incoming};
 pub use delta_file::{header_bytes, DeltaFile};
+pub use disk::DiskProblem;
+pub use partial::{Claim, PartialMark, Partials};
 
 use crate::records::{
     AuditEntry, AuditFilter, ModelRecord, ModelStatus, PlantRecord, RoundRecord, UpdateId,
@@ -51,6 +56,8 @@ const REMOVED_THROUGH_KEY: &[u8] = b"update_blobs_removed_through";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    #[error("the database in {} met a {problem} and refuses writes until the coordinator restarts (sled keeps the error); fix the disk, then restart the coordinator: nothing acknowledged is lost", path.display())]
+    DatabaseFailed { path: PathBuf, problem: DiskProblem },
     #[error("database error in {}: {source}; check the disk, and that no other coordinator uses this data_dir", path.display())]
     Sled {
         path: PathBuf,
@@ -111,6 +118,11 @@ pub struct Store {
     update_ids: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
+    /// Set when sled met a full or read-only disk: sled 0.34 keeps that I/O error, and its
+    /// next `flush` never returns, even after space comes back. From then on writes and
+    /// flushes are refused at once, naming the problem and the cure (a restart), instead of
+    /// hanging the request that asked.
+    write_failed: Arc<OnceLock<DiskProblem>>,
 }
 
 impl Store {
@@ -133,6 +145,7 @@ impl Store {
             meta: tree("meta")?,
             db: db.clone(),
             path: path.clone(),
+            write_failed: Arc::new(OnceLock::new()),
         };
         match store.meta.get(FORMAT_KEY).map_err(sled_err)? {
             None => {
@@ -164,6 +177,7 @@ impl Store {
     /// some of its callers when several await it at once (sled issue #1308), which hung every
     /// handler of a coordinator that many plants registered with at the same moment.
     pub async fn flush(&self) -> Result<(), StorageError> {
+        self.writable()?;
         let db = self.db.clone();
         match tokio::task::spawn_blocking(move || db.flush()).await {
             Ok(result) => result.map(|_| ()).map_err(|e| self.err(e)),
@@ -175,6 +189,7 @@ impl Store {
 
     /// [`Store::flush`] for blocking code.
     pub fn flush_blocking(&self) -> Result<(), StorageError> {
+        self.writable()?;
         self.db.flush().map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -438,9 +453,24 @@ impl Store {
     // ---- helpers
 
     fn err(&self, source: sled::Error) -> StorageError {
-        StorageError::Sled {
+        let e = StorageError::Sled {
             path: self.path.clone(),
             source,
+        };
+        if let Some(problem) = e.disk_problem() {
+            let _ = self.write_failed.set(problem);
+        }
+        e
+    }
+
+    /// Refuses a write once sled met a disk problem (see `write_failed`).
+    fn writable(&self) -> Result<(), StorageError> {
+        match self.write_failed.get() {
+            Some(&problem) => Err(StorageError::DatabaseFailed {
+                path: self.path.clone(),
+                problem,
+            }),
+            None => Ok(()),
         }
     }
 
@@ -457,6 +487,7 @@ impl Store {
         key: &[u8],
         rec: &T,
     ) -> Result<(), StorageError> {
+        self.writable()?;
         tree.insert(key, encode(rec)).map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -539,7 +570,11 @@ fn same_content(a: &ModelRecord, b: &ModelRecord) -> bool {
 fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let started = std::time::Instant::now();
     loop {
-        match sled::Config::new().path(dir).open() {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+        {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
                     && started.elapsed() < LOCK_WAIT =>
@@ -550,6 +585,11 @@ fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
         }
     }
 }
+
+/// sled's page cache. Its default (1 GiB) let the coordinator's resident memory climb round
+/// after round as the trees grew; the metadata a coordinator reads back is small (records,
+/// indexes, the audit log), so a few tens of MiB keep the hot pages.
+const SLED_CACHE_BYTES: u64 = 32 << 20;
 
 /// How long [`Store::open`] waits for another holder of the database lock to let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

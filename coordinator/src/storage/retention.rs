@@ -70,6 +70,7 @@ pub fn remove_old_update_blobs(
     }
     store.set_update_blobs_removed_through(cutoff)?;
     store.flush_blocking()?;
+    crate::failpoint::hit(crate::failpoint::RETENTION_AFTER_MARK);
     let mut removed = Removed {
         through_round: cutoff,
         ..Removed::default()

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod fault_proxy;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -378,59 +380,7 @@ impl Process {
     /// Writes `config` as a coordinator.toml next to its data folder and starts `serve`; waits
     /// until it accepts TLS connections.
     pub async fn start(site: &Site, config: &Config) -> Self {
-        let toml = config.data_dir.with_extension("toml");
-        let q = |p: &Path| format!("\"{}\"", p.display());
-        let r = &config.round;
-        let text = format!(
-            "listen = \"{}\"\ndata_dir = {}\nsigning_key = {}\ninitial_model = {}\n\
-             [tls]\nca = {}\ncert = {}\nkey = {}\n\
-             [round]\nmin_participants = {}\ntarget_participants = {}\ndeadline_secs = {}\ncodec = \"{}\"\n",
-            config.listen,
-            q(&config.data_dir),
-            q(&config.signing_key),
-            q(config.initial_model.as_ref().unwrap()),
-            q(&config.tls.ca_cert),
-            q(&config.tls.cert),
-            q(&config.tls.key),
-            r.min_participants,
-            r.target_participants,
-            r.deadline.as_secs(),
-            match r.codec {
-                Codec::Q8 { .. } => "q8".to_string(),
-                c => c.to_string(),
-            },
-        );
-        let text = match r.codec {
-            Codec::Q8 { block } => format!("{text}q8_block = {block}\n"),
-            _ => text,
-        };
-        std::fs::write(&toml, text).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(config.data_dir.with_extension("log"))
-            .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
-            .args(["serve", "--config"])
-            .arg(&toml)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let url = format!("https://127.0.0.1:{}", config.listen.port());
-        let files = site.pki.admin_files();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while channel(&url, &files.ca_cert, &files.cert, &files.key)
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the coordinator binary did not listen"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self { child, url }
+        Self::start_with(site, config, &[], "").await
     }
 
     /// SIGKILL: no drain, no flush, nothing finishes.
@@ -454,4 +404,81 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+impl Process {
+    /// As [`Process::start`], with `env` set for the child (e.g. the `failpoint` variable)
+    /// and `round_extra` appended to the `[round]` table (e.g. `keep_update_blobs_rounds = 2`).
+    pub async fn start_with(
+        site: &Site,
+        config: &Config,
+        env: &[(&str, &str)],
+        round_extra: &str,
+    ) -> Self {
+        let toml = config.data_dir.with_extension("toml");
+        let q = |p: &Path| format!("\"{}\"", p.display());
+        let r = &config.round;
+        let codec = match r.codec {
+            Codec::Q8 { block } => format!("codec = \"q8\"\nq8_block = {block}\n"),
+            c => format!("codec = \"{c}\"\n"),
+        };
+        let text = format!(
+            "listen = \"{}\"\ndata_dir = {}\nsigning_key = {}\ninitial_model = {}\n\
+             [tls]\nca = {}\ncert = {}\nkey = {}\n\
+             [round]\nmin_participants = {}\ntarget_participants = {}\ndeadline_secs = {}\n{codec}{round_extra}\n",
+            config.listen,
+            q(&config.data_dir),
+            q(&config.signing_key),
+            q(config.initial_model.as_ref().unwrap()),
+            q(&config.tls.ca_cert),
+            q(&config.tls.cert),
+            q(&config.tls.key),
+            r.min_participants,
+            r.target_participants,
+            r.deadline.as_secs(),
+        );
+        std::fs::write(&toml, text).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.data_dir.with_extension("log"))
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args(["serve", "--config"])
+            .arg(&toml)
+            .envs(env.iter().copied())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{}", config.listen.port());
+        let files = site.pki.admin_files();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while channel(&url, &files.ca_cert, &files.cert, &files.key)
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the coordinator binary did not listen; see {}",
+                config.data_dir.with_extension("log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, url }
+    }
+
+    /// Waits up to `wait` for the process to end on its own; its status, or `None`.
+    pub async fn wait_exit(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }

@@ -35,7 +35,8 @@ pub fn register(c: &Capabilities, plant_key: &VerifyingKey) -> pb::RegisterReque
     }
 }
 
-pub fn update_header(h: &UpdateHeader) -> pb::UpdateHeader {
+/// The header of an upload whose stream carries the payload from byte `resume_offset` on.
+pub fn update_header(h: &UpdateHeader, resume_offset: u64) -> pb::UpdateHeader {
     let UpdateHeader {
         update_id,
         round,
@@ -65,7 +66,6 @@ pub fn update_header(h: &UpdateHeader) -> pb::UpdateHeader {
         payload_sha256: payload_sha256.to_vec(),
         plant_signature: plant_signature.clone(),
         metrics: metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-        // The coordinator keeps no partial uploads; every attempt starts at byte 0.
-        resume_offset: 0,
+        resume_offset,
     }
 }
