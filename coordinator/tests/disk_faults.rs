@@ -144,6 +144,35 @@ impl Namespace {
         std::fs::remove_file(self.inside(&self.dir.join("ballast"))).unwrap();
     }
 
+    /// Runs `args` (a `mount`/`umount` command line) in the namespace.
+    fn run_inside(&self, args: &[&str]) {
+        let out = Command::new("nsenter")
+            .arg("-t")
+            .arg(self.holder.id().to_string())
+            .args(["-m", "--"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} in the namespace: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Makes the data directory read-only for every path opened from now on (a read-only bind
+    /// mount over it, as an operator's or the kernel's remount would); files already open stay
+    /// writable, as they do under a real remount that succeeds.
+    fn make_read_only(&self) {
+        let dir = self.dir.to_str().unwrap();
+        self.run_inside(&["mount", "-o", "bind,ro", dir, dir]);
+    }
+
+    /// Undoes [`Namespace::make_read_only`].
+    fn make_writable(&self) {
+        self.run_inside(&["umount", self.dir.to_str().unwrap()]);
+    }
+
     /// Runs `coordinator serve --config <toml>` inside the namespace, output in `log`.
     fn serve(&self, toml: &Path, log: &Path) -> Child {
         let log = std::fs::OpenOptions::new()
@@ -469,6 +498,43 @@ async fn a_database_write_on_a_full_disk_needs_a_restart_and_loses_nothing() {
         .await
         .expect("plant-1's update survived the restart");
     assert!(again.duplicate, "plant-1's update was kept: {again:?}");
+    assert_recovered(&site, &url, &mut plants[0], &payloads).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_made_read_only_while_serving_refuses_uploads_and_recovers() {
+    skip_unless_supported!();
+    let site = Site::new(2);
+    let config = site_config(&site);
+    let ns = Namespace::new(&config.data_dir, TMPFS_MIB, false);
+    let (_served, url) = serve(&site, &ns, &config).await;
+    let (mut plants, tasks) = join(&site, &url, &log_of(&config)).await;
+    let (payloads, headers) = payloads_and_headers(&tasks);
+    upload(&mut plants[0], &headers[0], &payloads[0])
+        .await
+        .expect("plant-1's upload before the data directory turns read-only");
+
+    ns.make_read_only();
+    let s = upload(&mut plants[1], &headers[1], &payloads[1])
+        .await
+        .expect_err("an upload into a read-only data directory is refused");
+    println!(
+        "read-only data directory while serving: {:?}: {}",
+        s.code(),
+        s.message()
+    );
+    assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+    assert!(s.message().contains("read-only"), "{}", s.message());
+    let status = within("admin status", admin(&site, &url, AdminCommand::Status))
+        .await
+        .expect("reads are served while the data directory is read-only");
+    assert_eq!(status["round_state"], "collecting", "{status}");
+
+    ns.make_writable();
+    let r = upload(&mut plants[1], &headers[1], &payloads[1])
+        .await
+        .expect("the same update is accepted once the directory is writable again");
+    assert!(!r.duplicate);
     assert_recovered(&site, &url, &mut plants[0], &payloads).await;
 }
 
