@@ -52,7 +52,8 @@ pub struct BenchArgs {
     checkpoint: Option<std::path::PathBuf>,
     #[command(flatten)]
     int8: super::export::Int8Args,
-    /// Keep --onnx's files in this folder [default: a temporary one].
+    /// Keep --onnx's files in this folder [default: a temporary one]. --int8, --data,
+    /// --calibration-images and --ranges above also apply to --onnx only.
     #[arg(long)]
     onnx_out: Option<std::path::PathBuf>,
     /// A Python with onnxruntime [default: $FEDINSPECT_PYTHON, else python3].
@@ -77,6 +78,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             warmup: a.warmup,
             iters: a.infer_iters,
         });
+    }
+    if a.int8.int8 || a.int8.data.is_some() || a.onnx_out.is_some() {
+        anyhow::bail!(
+            "--int8, --data and --onnx-out belong to the ONNX comparison: add --onnx --checkpoint <file>"
+        );
     }
     let opts = bench::BenchOptions {
         arch: ArchConfig {

@@ -1,7 +1,7 @@
-//! Activation ranges for `client export --int8`: the plant's calibration
-//! (`agent::calibration::measure`, private to the agent) done on a chosen number of training
-//! images, with min/max ranges exactly as the plants measure them or, to study the INT8
-//! error, percentile ranges that ignore the rarest extreme values.
+//! Activation ranges for the INT8 (QDQ) export: the plant's calibration after each round
+//! (`agent::calibration`, min/max) and `client export --int8` (a chosen number of training
+//! images, min/max ranges exactly as the plants measure them or, to study the INT8 error,
+//! percentile ranges that ignore the rarest extreme values).
 
 use std::str::FromStr;
 
