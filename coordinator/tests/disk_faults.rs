@@ -368,9 +368,16 @@ async fn assert_recovered(site: &Site, url: &str, plant: &mut Plant, payloads: &
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_refuses_uploads_loses_nothing_and_recovers() {
-    skip_unless_supported!();
+/// A fault on the data directory of a serving coordinator: plant-1's update is accepted,
+/// `fault` is applied (it returns how to describe it), plant-2's upload is refused with `code`
+/// and a message naming `says`, reads are still served, `undo` ends the fault, and the same
+/// update is then accepted without a restart, losing nothing.
+async fn refused_then_recovered(
+    code: Code,
+    says: &str,
+    fault: impl FnOnce(&Namespace) -> String,
+    undo: impl FnOnce(&Namespace),
+) {
     let site = Site::new(2);
     let config = site_config(&site);
     let ns = Namespace::new(&config.data_dir, TMPFS_MIB, false);
@@ -379,30 +386,42 @@ async fn a_full_disk_refuses_uploads_loses_nothing_and_recovers() {
     let (payloads, headers) = payloads_and_headers(&tasks);
     upload(&mut plants[0], &headers[0], &payloads[0])
         .await
-        .expect("plant-1's upload before the disk fills");
+        .expect("plant-1's upload before the fault");
 
-    let ballast = ns.fill();
-    let s = upload(&mut plants[1], &headers[1], &payloads[1])
-        .await
-        .expect_err("an upload onto a full disk is refused");
-    println!(
-        "disk full ({ballast} bytes of ballast in a {TMPFS_MIB} MiB tmpfs): {:?}: {}",
-        s.code(),
-        s.message()
-    );
-    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
-    assert!(s.message().contains("disk is full"), "{}", s.message());
+    let what = fault(&ns);
+    let s = match upload(&mut plants[1], &headers[1], &payloads[1]).await {
+        Err(s) => s,
+        Ok(r) => panic!("{what}: the upload was accepted ({r:?}), not refused"),
+    };
+    println!("{what}: {:?}: {}", s.code(), s.message());
+    assert_eq!(s.code(), code, "{}", s.message());
+    assert!(s.message().contains(says), "{}", s.message());
     let status = within("admin status", admin(&site, &url, AdminCommand::Status))
         .await
-        .expect("reads are served while the disk is full");
+        .expect("reads are served during the fault");
     assert_eq!(status["round_state"], "collecting", "{status}");
 
-    ns.empty();
+    undo(&ns);
     let r = upload(&mut plants[1], &headers[1], &payloads[1])
         .await
-        .expect("the same update is accepted once space returns");
+        .expect("the same update is accepted once the fault is gone");
     assert!(!r.duplicate);
     assert_recovered(&site, &url, &mut plants[0], &payloads).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_uploads_loses_nothing_and_recovers() {
+    skip_unless_supported!();
+    refused_then_recovered(
+        Code::ResourceExhausted,
+        "disk is full",
+        |ns| {
+            let ballast = ns.fill();
+            format!("disk full ({ballast} bytes of ballast in a {TMPFS_MIB} MiB tmpfs)")
+        },
+        Namespace::empty,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,38 +523,16 @@ async fn a_database_write_on_a_full_disk_needs_a_restart_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_made_read_only_while_serving_refuses_uploads_and_recovers() {
     skip_unless_supported!();
-    let site = Site::new(2);
-    let config = site_config(&site);
-    let ns = Namespace::new(&config.data_dir, TMPFS_MIB, false);
-    let (_served, url) = serve(&site, &ns, &config).await;
-    let (mut plants, tasks) = join(&site, &url, &log_of(&config)).await;
-    let (payloads, headers) = payloads_and_headers(&tasks);
-    upload(&mut plants[0], &headers[0], &payloads[0])
-        .await
-        .expect("plant-1's upload before the data directory turns read-only");
-
-    ns.make_read_only();
-    let s = upload(&mut plants[1], &headers[1], &payloads[1])
-        .await
-        .expect_err("an upload into a read-only data directory is refused");
-    println!(
-        "read-only data directory while serving: {:?}: {}",
-        s.code(),
-        s.message()
-    );
-    assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
-    assert!(s.message().contains("read-only"), "{}", s.message());
-    let status = within("admin status", admin(&site, &url, AdminCommand::Status))
-        .await
-        .expect("reads are served while the data directory is read-only");
-    assert_eq!(status["round_state"], "collecting", "{status}");
-
-    ns.make_writable();
-    let r = upload(&mut plants[1], &headers[1], &payloads[1])
-        .await
-        .expect("the same update is accepted once the directory is writable again");
-    assert!(!r.duplicate);
-    assert_recovered(&site, &url, &mut plants[0], &payloads).await;
+    refused_then_recovered(
+        Code::Unavailable,
+        "read-only",
+        |ns| {
+            ns.make_read_only();
+            "read-only data directory while serving".to_string()
+        },
+        Namespace::make_writable,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
