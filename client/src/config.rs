@@ -105,6 +105,9 @@ pub struct RawAgent {
     pub backoff_initial_ms: Option<u64>,
     pub backoff_max_secs: Option<u64>,
     pub deadline_margin_secs: Option<u64>,
+    pub connect_timeout_secs: Option<u64>,
+    pub call_timeout_secs: Option<u64>,
+    pub stream_idle_timeout_secs: Option<u64>,
 }
 
 /// A checked configuration with its keys and TLS material loaded.
@@ -191,6 +194,13 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Training stops this long before a task's deadline, leaving time to upload.
     pub deadline_margin: Duration,
+    /// Connecting to the coordinator, TCP and TLS handshake (`connect_timeout_secs`, 10).
+    pub connect_timeout: Duration,
+    /// A unary call's answer, and an upload's acknowledgement after its last byte
+    /// (`call_timeout_secs`, 60).
+    pub call_timeout: Duration,
+    /// The gap between two chunks of a download (`stream_idle_timeout_secs`, 60).
+    pub stream_idle_timeout: Duration,
 }
 
 /// Every way the file can be wrong.
@@ -530,5 +540,24 @@ fn agent(raw: RawAgent, p: &mut Problems) -> AgentConfig {
         backoff_initial: Duration::from_millis(initial),
         backoff_max: Duration::from_secs(max),
         deadline_margin: Duration::from_secs(raw.deadline_margin_secs.unwrap_or(30)),
+        connect_timeout: wait_bound(raw.connect_timeout_secs, 10, "connect_timeout_secs", p),
+        call_timeout: wait_bound(raw.call_timeout_secs, 60, "call_timeout_secs", p),
+        stream_idle_timeout: wait_bound(
+            raw.stream_idle_timeout_secs,
+            60,
+            "stream_idle_timeout_secs",
+            p,
+        ),
     }
+}
+
+/// One of `[agent]`'s bounds on a wait for the coordinator: at least 1 s.
+fn wait_bound(raw: Option<u64>, default: u64, key: &str, p: &mut Problems) -> Duration {
+    let secs = raw.unwrap_or(default);
+    if secs == 0 {
+        p.push(format!(
+            "agent.{key}: must be at least 1 (seconds the agent waits on the coordinator)"
+        ));
+    }
+    Duration::from_secs(secs.max(1))
 }

@@ -336,6 +336,7 @@ async fn start_coordinator_with(
         limits: Limits::default(),
         bundles: Some(bundles),
         metrics_listen: None,
+        storage: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Coordinator::build(&config)

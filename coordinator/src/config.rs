@@ -14,7 +14,9 @@ use fedinspect_common::delta::{Codec, DEFAULT_Q8_BLOCK, MAX_Q8_BLOCK};
 use fedinspect_common::tls::TlsFiles;
 use serde::Deserialize;
 
+mod storage;
 mod strategy;
+pub use storage::{storage_settings, RawStorage, StorageSettings};
 pub use strategy::{aggregation_strategy, AggregationStrategy, RawAggregation};
 
 /// The file as written: every field optional, unknown fields refused.
@@ -39,6 +41,8 @@ pub struct RawConfig {
     pub bundles: Option<crate::bundle::RawBundleSettings>,
     /// Absent: promotion keeps the plant-reported metric gate (`admin_ops`).
     pub promotion: Option<crate::gate::RawPromotion>,
+    #[serde(default)]
+    pub storage: RawStorage,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -102,6 +106,8 @@ pub struct Config {
     /// Inference bundles built on promotion and pushed to the plants; `None` without a
     /// `[bundles]` section.
     pub bundles: Option<crate::bundle::BundleConfig>,
+    /// What happens after the database met a disk problem (`[storage]`).
+    pub storage: StorageSettings,
 }
 
 /// How rounds are run and what plants are asked to do.
@@ -290,6 +296,7 @@ impl Config {
         }
         let limits = limits(raw.limits, &mut p);
         let metrics_listen = raw.metrics.and_then(|m| metrics_listen(m, &mut p));
+        let storage = storage_settings(raw.storage, &mut p);
         let bundles = match (raw.bundles, &data_dir) {
             (Some(b), Some(dir)) => {
                 crate::bundle::BundleConfig::resolve(b, base, dir, initial_model.as_deref())
@@ -316,6 +323,7 @@ impl Config {
                 limits,
                 metrics_listen,
                 bundles,
+                storage,
             }),
             _ => Err(p.into_vec()),
         }

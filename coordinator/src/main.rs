@@ -1,6 +1,7 @@
 //! `coordinator`: serve a federation, store the initial model, or administer a running
 //! coordinator. `serve` is a fixed sequence: logging, config, build, spawn, wait for a signal
-//! (or a failure), drain with a deadline.
+//! (or a failure), drain with a deadline; or, after the disk recovered from a problem the
+//! database cannot undo, drain briefly and restart in place (`node::restart_in_place`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +10,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedinspect_common::pki::PkiLayout;
 use fedinspect_common::tls::TlsFiles;
-use fedinspect_coordinator::node::{open_storage, Coordinator};
+use fedinspect_coordinator::node::disk_recovery::Recovered;
+use fedinspect_coordinator::node::restart_in_place::{self, Marker};
+use fedinspect_coordinator::node::{open_storage, Coordinator, Running};
 use fedinspect_coordinator::rpc::admin_client::{self, AdminCommand};
 use fedinspect_coordinator::versions::Versions;
 use fedinspect_coordinator::Config;
@@ -148,11 +151,24 @@ fn main() -> Result<()> {
     // Before the runtime starts threads that would each take an arena.
     fedinspect_coordinator::malloc::limit_arenas();
     init_logging();
+    // Before the runtime's threads start: it removes an environment variable.
+    let restarted = restart_in_place::take_marker();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Serve { config } => {
-            let served = runtime.block_on(serve(config));
+            let served = match runtime.block_on(serve(config, restarted.as_ref())) {
+                Ok(Served::RestartInPlace(marker)) => {
+                    // exec ends every thread, stuck storage calls included, and closes the
+                    // database and the sockets; it returns only if it failed.
+                    let e = restart_in_place::exec(&marker);
+                    Err(anyhow::anyhow!(
+                        "cannot restart in place (exec /proc/self/exe): {e}; restart the coordinator"
+                    ))
+                }
+                Ok(Served::Stopped) => Ok(()),
+                Err(e) => Err(e),
+            };
             // A blocking storage call that never returns (sled waits forever on a flush after a
             // write error, e.g. a full disk) must not keep the process from exiting: what was
             // acknowledged is durable already, and a restart recovers the rest.
@@ -167,6 +183,10 @@ fn main() -> Result<()> {
 /// How long an exiting coordinator waits for blocking work (storage calls) still running.
 const BLOCKING_EXIT_WAIT: Duration = Duration::from_secs(10);
 
+/// A restart in place execs at the latest this long after its grace, even if the drain is
+/// stuck (in a storage call, say).
+const RESTART_WATCHDOG: Duration = Duration::from_secs(10);
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -176,25 +196,93 @@ fn init_logging() {
         .init();
 }
 
-async fn serve(config_path: PathBuf) -> Result<()> {
+/// How `serve` ended without an error.
+enum Served {
+    /// Asked to stop (a signal).
+    Stopped,
+    /// The disk took writes again after a problem the database keeps: restart in place.
+    RestartInPlace(Marker),
+}
+
+/// Why the coordinator stops serving.
+enum Ending {
+    Signal,
+    Failed(fedinspect_coordinator::node::RunError),
+    DiskRecovered(Recovered),
+}
+
+async fn serve(config_path: PathBuf, restarted: Option<&Marker>) -> Result<Served> {
     let config = Config::load(&config_path)?;
     let coordinator = Coordinator::build(&config).context("cannot start the coordinator")?;
+    if let Some(marker) = restarted {
+        restart_in_place::record(coordinator.hub(), marker);
+    }
+    // tokio sets SO_REUSEADDR, so a restart in place binds again at once although the
+    // connections it closed linger in TIME_WAIT.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let mut running = coordinator.spawn(listener)?;
-    let failure = tokio::select! {
-        () = shutdown_signal() => None,
-        e = running.failed() => Some(e),
+    let hub = running.hub().clone();
+    let ending = wait_for_end(&mut running).await;
+    // A database that met a disk problem is never dropped: sled flushes on drop, and that flush
+    // never returns after its error. Acknowledged work is durable already; exec or exit frees
+    // the rest.
+    let keep_database = |hub: std::sync::Arc<fedinspect_coordinator::hub::Hub>| {
+        if hub.store.database_failed().is_some() {
+            std::mem::forget(hub);
+        }
     };
-    tracing::info!("stopping: draining connections");
-    let stopped = running.stop(DRAIN).await;
-    if let Some(e) = failure {
-        return Err(e.into());
+    match ending {
+        Ending::DiskRecovered(recovered) => {
+            let grace = config.storage.restart_grace;
+            tracing::warn!(
+                "restarting in place: {recovered}; transfers in flight get {grace:?} to finish"
+            );
+            let marker = Marker::next(restarted, recovered.to_string());
+            restart_in_place::exec_after(grace + RESTART_WATCHDOG, marker.clone());
+            std::mem::forget(hub);
+            match running.stop(grace).await {
+                Ok(()) => tracing::info!("drained; restarting in place"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "restarting in place although the drain did not end cleanly")
+                }
+            }
+            Ok(Served::RestartInPlace(marker))
+        }
+        Ending::Failed(e) => {
+            tracing::info!("stopping: draining connections");
+            keep_database(hub);
+            let _ = running.stop(DRAIN).await;
+            Err(e.into())
+        }
+        Ending::Signal => {
+            tracing::info!("stopping: draining connections");
+            keep_database(hub);
+            running.stop(DRAIN).await?;
+            tracing::info!("stopped");
+            Ok(Served::Stopped)
+        }
     }
-    stopped?;
-    tracing::info!("stopped");
-    Ok(())
+}
+
+/// Waits for a signal, a failure or the disk's recovery. A task that stopped on a disk problem
+/// does not end the process when a restart in place can follow: reads are served until then.
+async fn wait_for_end(running: &mut Running) -> Ending {
+    let recovery = running.disk_recovery();
+    tokio::pin!(recovery);
+    loop {
+        tokio::select! {
+            () = shutdown_signal() => return Ending::Signal,
+            e = running.failed() => match e.disk_problem() {
+                Some(problem) if running.note_disk_problem(problem) => {
+                    tracing::error!(error = %e, "a coordinator task stopped on a {problem}; serving reads and restarting in place once data_dir takes writes again");
+                }
+                _ => return Ending::Failed(e),
+            },
+            recovered = &mut recovery => return Ending::DiskRecovered(recovered),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -40,6 +40,9 @@ pub struct Metrics {
     aggregation_micros_last: AtomicU64,
     /// Refused and failed TLS handshakes (`metrics::handshakes`).
     pub handshakes: handshakes::Handshakes,
+    /// Restarts in place of this PID after a disk problem (`node::restart_in_place`), carried
+    /// through exec, since the process memory is not.
+    restarts_in_place: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -105,6 +108,15 @@ impl Metrics {
     /// `n` bytes of a model file were streamed to a plant.
     pub fn model_bytes_sent(&self, n: u64) {
         self.model_bytes_sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// This process was started by its `total`-th restart in place.
+    pub fn restarted_in_place(&self, total: u64) {
+        self.restarts_in_place.store(total, Ordering::Relaxed);
+    }
+
+    pub fn restarts_in_place(&self) -> u64 {
+        self.restarts_in_place.load(Ordering::Relaxed)
     }
 
     pub fn counters(&self) -> Counters {

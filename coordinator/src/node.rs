@@ -3,13 +3,18 @@
 //! ([`Coordinator::spawn`]: the gRPC server and the round driver, each a task with its span,
 //! stopped together by [`Running::stop`]). TLS is accepted by our own acceptor
 //! (`node::accept`) so that refused client certificates reach the audit log
-//! (`node::refusal_audit`).
+//! (`node::refusal_audit`). After the database met a disk problem, `node::disk_recovery`
+//! watches the data directory and [`Running::disk_recovery`] tells `main` when to restart in
+//! place (`node::restart_in_place`).
 
 mod accept;
+pub mod disk_recovery;
 pub mod refusal_audit;
+pub mod restart_in_place;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fedinspect_common::signing::{SigningError, SigningKey};
@@ -19,12 +24,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, StorageSettings};
 use crate::error::CoreError;
 use crate::hub::Hub;
 use crate::round::RoundDriver;
 use crate::rpc;
-use crate::storage::{BlobStore, Store};
+use crate::storage::{BlobStore, DiskProblem, Store};
 use crate::versions::Versions;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +64,26 @@ pub enum RunError {
     DrainTimeout(Duration),
 }
 
+impl RunError {
+    /// The disk problem that stopped a task, if that is what stopped it.
+    pub fn disk_problem(&self) -> Option<DiskProblem> {
+        match self {
+            RunError::Driver(CoreError::DiskFull(e) | CoreError::DataReadOnly(e)) => {
+                e.disk_problem()
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A coordinator ready to serve.
 pub struct Coordinator {
     hub: Arc<Hub>,
     tls: AuditedServerTls,
     /// `[metrics] listen`, when set.
     metrics_listen: Option<SocketAddr>,
+    data_dir: PathBuf,
+    storage: StorageSettings,
 }
 
 /// A serving coordinator.
@@ -78,6 +97,13 @@ pub struct Running {
     accepting: Vec<JoinHandle<()>>,
     /// The Prometheus endpoint's address and task, when `[metrics] listen` is set.
     metrics: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
+    /// The disk watch, with `storage.restart_when_disk_recovers`; ends when the disk took
+    /// writes again after a problem. Taken by [`Running::disk_recovery`].
+    recovery: Option<JoinHandle<Option<disk_recovery::Recovered>>>,
+    /// Stops the disk watch at [`Running::stop`].
+    recovery_abort: Option<tokio::task::AbortHandle>,
+    /// A disk problem that stopped a task, for the disk watch (`Running::note_disk_problem`).
+    noted_disk_problem: Arc<OnceLock<DiskProblem>>,
 }
 
 /// The store, blob store and signing key in `config.data_dir`, for commands that need no
@@ -127,6 +153,8 @@ impl Coordinator {
             hub: Arc::new(hub),
             tls,
             metrics_listen: config.metrics_listen,
+            data_dir: config.data_dir.clone(),
+            storage: config.storage.clone(),
         })
     }
 
@@ -184,6 +212,20 @@ impl Coordinator {
             Some(at) => Some(spawn_metrics(self.hub.clone(), at, shutdown.subscribe())?),
             None => None,
         };
+        let noted_disk_problem = Arc::new(OnceLock::new());
+        let recovery = self.storage.restart_when_disk_recovers.then(|| {
+            let watch = disk_recovery::DiskWatch {
+                store: self.hub.store.clone(),
+                data_dir: self.data_dir.clone(),
+                settings: self.storage.clone(),
+                noted: noted_disk_problem.clone(),
+            };
+            tokio::spawn(
+                watch
+                    .run(shutdown.subscribe())
+                    .instrument(tracing::info_span!("disk_watch")),
+            )
+        });
         tracing::info!(%addr, "coordinator serving");
         Ok(Running {
             addr,
@@ -193,6 +235,9 @@ impl Coordinator {
             driver: Some(driver),
             accepting: vec![accepting, auditing],
             metrics,
+            recovery_abort: recovery.as_ref().map(JoinHandle::abort_handle),
+            recovery,
+            noted_disk_problem,
         })
     }
 }
@@ -264,10 +309,44 @@ impl Running {
         }
     }
 
+    /// A future that resolves once the data directory takes writes again after the database
+    /// (or a task, [`Running::note_disk_problem`]) met a disk problem: the process should then
+    /// restart in place (`node::restart_in_place`). It never resolves without
+    /// `storage.restart_when_disk_recovers`, nor when taken a second time, nor after
+    /// [`Running::stop`].
+    pub fn disk_recovery(
+        &mut self,
+    ) -> impl std::future::Future<Output = disk_recovery::Recovered> + Send + 'static {
+        let task = self.recovery.take();
+        async move {
+            if let Some(task) = task {
+                match task.await {
+                    Ok(Some(recovered)) => return recovered,
+                    Ok(None) => {}
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => tracing::error!(error = %e, "the disk watch failed"),
+                }
+            }
+            std::future::pending().await
+        }
+    }
+
+    /// Tells the disk watch that a task stopped on `problem` (outside sled, which the watch
+    /// sees by itself); returns whether a restart in place will follow once the disk recovers.
+    pub fn note_disk_problem(&self, problem: DiskProblem) -> bool {
+        let _ = self.noted_disk_problem.set(problem);
+        self.recovery_abort
+            .as_ref()
+            .is_some_and(|task| !task.is_finished())
+    }
+
     /// Stops the round driver, ends the task streams and drains the server, aborting whatever
     /// is left after `deadline`.
     pub async fn stop(mut self, deadline: Duration) -> Result<(), RunError> {
         let _ = self.shutdown.send(true);
+        if let Some(task) = self.recovery_abort.take() {
+            task.abort();
+        }
         self.hub.disconnect_all();
         if let Some((_, task)) = self.metrics.take() {
             // It stops on the same signal; a scrape in flight is not worth waiting for.

@@ -14,6 +14,8 @@
 //! median or trimmed mean) read from the update blobs tile by tile (`storage::DeltaFile`), and the
 //! running mean is one f64 accumulator, reused from round to round. The base model stays in
 //! memory from one round to the next instead of being read back and re-hashed.
+//! After each round the allocator's free pages are given back (`malloc::release_free_memory`),
+//! so resident memory does not creep up with the number of rounds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,6 +93,7 @@ impl RoundDriver {
                 RoundState::Aggregating => {
                     tracing::info!(round = round.round, "recomputing the aggregation of round");
                     self.aggregate(round, None, None).await?;
+                    release_free_memory().await;
                 }
                 RoundState::Published | RoundState::Failed => {}
             }
@@ -111,6 +114,7 @@ impl RoundDriver {
                 return Ok(());
             }
             self.close(&open, base).await?;
+            release_free_memory().await;
         }
     }
 
@@ -505,6 +509,21 @@ fn average(
         Ok::<_, CoreError>(all)
     })?;
     Ok(ModelState::from_tensors(tensors)?)
+}
+
+/// Gives the allocator's free pages back after a round (`malloc::release_free_memory`), on a
+/// blocking thread: the round's transient buffers are gone by now, and without this the
+/// fragmented arenas kept them resident, round after round.
+async fn release_free_memory() {
+    let started = std::time::Instant::now();
+    let released = tokio::task::spawn_blocking(crate::malloc::release_free_memory)
+        .await
+        .unwrap_or(false);
+    tracing::debug!(
+        released,
+        secs = started.elapsed().as_secs_f64(),
+        "free heap pages given back"
+    );
 }
 
 fn versions(hub: &Hub) -> Versions<'_> {

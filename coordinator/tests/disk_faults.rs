@@ -3,7 +3,9 @@
 //! process (`unshare --mount`), so the coordinator, started inside it with `nsenter`, can be
 //! restarted on the same data; the test fills and empties the disk through
 //! `/proc/<holder>/root/...`. Needs root, `unshare`, `nsenter` and tmpfs: where they are
-//! missing the tests print why and skip.
+//! missing the tests print why and skip. When sled itself met the full disk, the coordinator
+//! restarts itself in place once space returns (`node::disk_recovery`, `node::restart_in_place`):
+//! the test restarts nothing and checks the same PID serves again.
 
 mod support;
 
@@ -219,7 +221,9 @@ fn write_toml(config: &Config) -> PathBuf {
     let text = format!(
         "listen = \"{}\"\ndata_dir = {}\nsigning_key = {}\ninitial_model = {}\n\
          [tls]\nca = {}\ncert = {}\nkey = {}\n\
-         [round]\nmin_participants = {}\ntarget_participants = {}\ndeadline_secs = {}\ncodec = \"f32\"\n",
+         [round]\nmin_participants = {}\ntarget_participants = {}\ndeadline_secs = {}\ncodec = \"f32\"\n\
+         [storage]\nrestart_when_disk_recovers = {}\ndisk_probe_interval_secs = {}\n\
+         disk_free_margin_mib = {}\nrestart_grace_secs = {}\n{}",
         config.listen,
         q(&config.data_dir),
         q(&config.signing_key),
@@ -230,6 +234,14 @@ fn write_toml(config: &Config) -> PathBuf {
         r.min_participants,
         r.target_participants,
         r.deadline.as_secs(),
+        config.storage.restart_when_disk_recovers,
+        config.storage.disk_probe_interval.as_secs(),
+        config.storage.disk_free_margin_bytes >> 20,
+        config.storage.restart_grace.as_secs(),
+        config
+            .metrics_listen
+            .map(|at| format!("[metrics]\nlisten = \"{at}\"\n"))
+            .unwrap_or_default(),
     );
     std::fs::write(&toml, text).unwrap();
     toml
@@ -312,6 +324,11 @@ async fn serve(site: &Site, ns: &Namespace, config: &Config) -> (Served, String)
 fn site_config(site: &Site) -> Config {
     let mut config = site.config("data", policy(2, 2, 120, Codec::F32), Default::default());
     config.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.metrics_listen = Some(format!("127.0.0.1:{}", free_port()).parse().unwrap());
+    // Probed every second; the 8 MiB tmpfs counts as usable with 1 MiB free.
+    config.storage.disk_probe_interval = Duration::from_secs(1);
+    config.storage.disk_free_margin_bytes = 1 << 20;
+    config.storage.restart_grace = Duration::from_secs(1);
     config
 }
 
@@ -424,14 +441,70 @@ async fn a_full_disk_refuses_uploads_loses_nothing_and_recovers() {
     .await;
 }
 
+/// Waits until the coordinator's log (`log`) has a line containing `needle`; returns it.
+async fn log_line(log: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with '{needle}' within {WAIT:?}; coordinator log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A small registration of `id` on a fresh connection, `Ok` once the coordinator writes again.
+async fn register_fresh(site: &Site, url: &str, id: &str) -> Result<(), String> {
+    let files = files_of(site, id);
+    let ch = channel(url, &files.ca_cert, &files.cert, &files.key)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client = fedinspect_proto::v1::federation_client::FederationClient::new(ch);
+    let req = pb::RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        capabilities: Some(pb::Capabilities {
+            device: "cpu".into(),
+            num_samples: 100,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    client
+        .register(req)
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// The coordinator's `/metrics` text (plain HTTP on `at`).
+fn scrape(at: std::net::SocketAddr) -> String {
+    use std::io::Read;
+    let mut conn = std::net::TcpStream::connect(at).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_write_on_a_full_disk_needs_a_restart_and_loses_nothing() {
+async fn a_database_write_on_a_full_disk_restarts_in_place_once_space_returns_and_loses_nothing() {
     skip_unless_supported!();
     let site = Site::new(2);
     let config = site_config(&site);
+    let log = log_of(&config);
     let ns = Namespace::new(&config.data_dir, TMPFS_MIB, false);
-    let (served, url) = serve(&site, &ns, &config).await;
-    let (mut plants, tasks) = join(&site, &url, &log_of(&config)).await;
+    let (mut served, url) = serve(&site, &ns, &config).await;
+    let pid = served.0.id();
+    let (mut plants, tasks) = join(&site, &url, &log).await;
     let (payloads, headers) = payloads_and_headers(&tasks);
     upload(&mut plants[0], &headers[0], &payloads[0])
         .await
@@ -460,8 +533,8 @@ async fn a_database_write_on_a_full_disk_needs_a_restart_and_loses_nothing() {
     assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
     assert!(s.message().contains("disk is full"), "{}", s.message());
 
-    // Space returns, but sled keeps its I/O error (its next flush would never complete).
-    ns.empty();
+    // sled keeps its I/O error (its next flush would never complete): the store remembers the
+    // failure and refuses every later write at once, instead of letting it wait on sled.
     let small = pb::RegisterRequest {
         protocol_version: PROTOCOL_VERSION,
         capabilities: Some(pb::Capabilities {
@@ -477,15 +550,13 @@ async fn a_database_write_on_a_full_disk_needs_a_restart_and_loses_nothing() {
     )
     .await;
     println!(
-        "a registration after space returned, before the restart: {}",
+        "a registration while the database refuses writes: {}",
         match &probe {
             Err(_) => "no answer within 3 s (sled's flush waits forever)".to_string(),
             Ok(Ok(_)) => "served".to_string(),
             Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
         }
     );
-    // The store remembers sled's failure and refuses at once, saying a restart is needed,
-    // instead of letting the request wait on sled's flush.
     match probe {
         Ok(Err(s)) => assert!(
             s.code() == Code::ResourceExhausted && s.message().contains("restart"),
@@ -496,13 +567,82 @@ async fn a_database_write_on_a_full_disk_needs_a_restart_and_loses_nothing() {
         Ok(Ok(_)) => panic!("a write was served by a database that had failed"),
         Err(_) => panic!("a write to the failed database hung instead of being refused"),
     }
+    let status = within("admin status", admin(&site, &url, AdminCommand::Status))
+        .await
+        .expect("reads are served while the database refuses writes");
+    assert_eq!(status["round_state"], "collecting", "{status}");
+    // The disk watch saw the problem and found the disk still full: no restart yet.
+    println!("{}", log_line(&log, "probing data_dir").await);
+    println!("{}", log_line(&log, "does not take writes yet").await);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("took writes again"),
+        "restarted while the disk was full:\n{text}"
+    );
 
-    // The operator restarts the coordinator.
-    drop(served);
-    drop(plants);
-    let (_served, url) = serve(&site, &ns, &config).await;
-    // The plants reconnect; round 1 resumes from sled and they send what they trained for it
+    // Space returns; the test restarts nothing.
+    ns.empty();
+    let space_returned = Instant::now();
+    let deadline = space_returned + WAIT;
+    let mut last = String::new();
+    while let Err(e) = register_fresh(&site, &url, "plant-2").await {
+        last = e;
+        assert!(
+            Instant::now() < deadline,
+            "writes not served again within {WAIT:?} of space returning; last: {last}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "space returned -> a registration (a database write) served again after {:.2} s (last refusal meanwhile: {})",
+        space_returned.elapsed().as_secs_f64(),
+        if last.is_empty() { "none" } else { &last }
+    );
+    assert!(
+        served.0.try_wait().unwrap().is_none(),
+        "the coordinator process (PID {pid}) ended"
+    );
+    println!("{}", log_line(&log, "took writes again").await);
+    let restarted = log_line(&log, "restarted in place (same PID").await;
+    println!("{restarted}");
+    assert!(
+        restarted.contains(&format!("same PID {pid})")),
+        "the coordinator restarted as another process than {pid}: {restarted}"
+    );
+    let audit = within(
+        "admin audit",
+        admin(
+            &site,
+            &url,
+            AdminCommand::Audit(fedinspect_coordinator::rpc::admin_client::AuditQuery {
+                kind: "other".into(),
+                plant: String::new(),
+                limit: 20,
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let entry = audit
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["action"] == "restart_in_place"))
+        .unwrap_or_else(|| panic!("no restart_in_place audit entry: {audit}"));
+    println!("audit entry after the restart: {entry}");
+    let detail = entry["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("PID {pid},")), "{detail}");
+    assert!(detail.contains("full disk"), "{detail}");
+    let metrics = scrape(config.metrics_listen.unwrap());
+    let counted = metrics
+        .lines()
+        .find(|l| l.starts_with("fedinspect_restarts_in_place_total"))
+        .unwrap_or_else(|| panic!("no restart counter in /metrics:\n{metrics}"));
+    println!("metrics after the restart: {counted}");
+    assert_eq!(counted, "fedinspect_restarts_in_place_total 1");
+
+    // The plants reconnect; round 1 resumed from sled, and they send what they trained for it
     // (a resumed round tasks nobody again).
+    drop(plants);
     let mut plants = Vec::new();
     for id in ["plant-1", "plant-2"] {
         let mut p = within("reconnecting", Plant::connect(&site, &url, id)).await;
@@ -511,13 +651,17 @@ async fn a_database_write_on_a_full_disk_needs_a_restart_and_loses_nothing() {
     }
     let r = upload(&mut plants[1], &headers[1], &payloads[1])
         .await
-        .expect("plant-2's update is accepted after the restart");
+        .expect("plant-2's refused update is accepted after the restart in place");
     assert!(!r.duplicate);
     let again = upload(&mut plants[0], &headers[0], &payloads[0])
         .await
         .expect("plant-1's update survived the restart");
     assert!(again.duplicate, "plant-1's update was kept: {again:?}");
     assert_recovered(&site, &url, &mut plants[0], &payloads).await;
+    assert!(
+        served.0.try_wait().unwrap().is_none(),
+        "the same process (PID {pid}) still serves"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

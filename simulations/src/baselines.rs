@@ -3,7 +3,8 @@
 //! warmup only from the initial model) and the same compute budget as the federation: round r
 //! of a baseline is one round's local epochs over its data, starting from its round r - 1
 //! model. Centralised training uses the union of the plants' training data; local-only
-//! training is each plant alone on its own data, never averaged.
+//! training is each plant alone on its own data, never averaged. A folder is DeepPCB layout or
+//! a COCO folder ([`coco_layout`]), read as the plant's `plant.toml` reads it.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -21,6 +22,7 @@ use fedinspect_common::arch::ArchConfig;
 use fedinspect_common::ModelState;
 use tch::Device;
 
+use crate::coco_layout;
 use crate::experiment::Settings;
 use crate::interrupt::Interrupt;
 
@@ -37,8 +39,8 @@ pub struct BaselineTrainer {
 }
 
 impl BaselineTrainer {
-    /// A trainer on the `trainval.txt` of `root` (every group), starting from `initial`, with
-    /// the round plan of `s` and training seed `seed`.
+    /// A trainer on the `trainval.txt` of `root` (every group; a COCO folder's `train.json`),
+    /// starting from `initial`, with the round plan of `s` and training seed `seed`.
     pub fn new(
         root: &Path,
         s: &Settings,
@@ -65,12 +67,18 @@ impl BaselineTrainer {
             seed,
             mixed_precision: true,
         };
-        let data_cfg = DataConfig {
-            source: DataSource::DeepPcb {
+        let (source, channels) = if coco_layout::is_coco_folder(root) {
+            (coco_layout::train_source(root), coco_layout::CHANNELS)
+        } else {
+            let source = DataSource::DeepPcb {
                 root: root.to_path_buf(),
                 groups: Vec::new(),
-            },
-            channels: Channels::GrayTemplate,
+            };
+            (source, Channels::GrayTemplate)
+        };
+        let data_cfg = DataConfig {
+            source,
+            channels,
             on_invalid: OnInvalid::Skip,
             validation_fraction: 0.0,
         };

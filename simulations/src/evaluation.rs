@@ -1,5 +1,7 @@
 //! The held-out test split and the evaluation of a global model on it with the client's own
-//! detector and evaluation code (map_33: the DeepPCB protocol, IoU > 0.33; map_50).
+//! detector and evaluation code (map_33: the DeepPCB protocol, IoU > 0.33; map_50). The split
+//! is a DeepPCB-layout folder's `test.txt` or a COCO folder's `test.json` ([`coco_layout`]),
+//! each read by the client's own loader.
 
 use std::path::Path;
 use std::time::Instant;
@@ -16,12 +18,14 @@ use fedinspect_common::ModelState;
 use serde::Serialize;
 use tch::Device;
 
+use crate::coco_layout;
 use crate::interrupt::Interrupt;
 
 /// Score threshold of the precision/recall figures of the report (mAP uses every score).
 const SCORE_THRESHOLD: f64 = 0.3;
 
-/// The test split of a DeepPCB-layout folder, decoded once and kept for every evaluation.
+/// The test split of a DeepPCB-layout or COCO folder, decoded once and kept for every
+/// evaluation.
 pub struct TestSet {
     loader: Loader,
 }
@@ -35,15 +39,23 @@ pub struct Scores {
 }
 
 impl TestSet {
-    /// The `test.txt` items of `root` at `input_size`; at most `limit` images (0: all).
+    /// The `test.txt` (or COCO `test.json`) items of `root` at `input_size`; at most `limit`
+    /// images (0: all).
     pub fn load(root: &Path, input_size: u32, limit: usize) -> Result<Self> {
-        let opts = DeepPcbOptions { template: true };
-        let loaded = deeppcb::load(root, Split::Test, &opts)
-            .with_context(|| format!("cannot read the test split of {}", root.display()))?;
+        let (loaded, channels) = if coco_layout::is_coco_folder(root) {
+            let loaded = coco_layout::load(root, coco_layout::TEST_JSON, "test")
+                .with_context(|| format!("cannot read the COCO test set of {}", root.display()))?;
+            (loaded, coco_layout::CHANNELS)
+        } else {
+            let opts = DeepPcbOptions { template: true };
+            let loaded = deeppcb::load(root, Split::Test, &opts)
+                .with_context(|| format!("cannot read the test split of {}", root.display()))?;
+            (loaded, Channels::GrayTemplate)
+        };
         let checked = validate(
             loaded,
             &ValidateOptions {
-                channels: Channels::GrayTemplate,
+                channels,
                 decode: false,
                 on_invalid: OnInvalid::Skip,
             },
@@ -59,7 +71,7 @@ impl TestSet {
             data,
             Preprocess {
                 input_size,
-                channels: Channels::GrayTemplate,
+                channels,
                 clahe: None,
             },
             Augment::none(input_size),

@@ -22,6 +22,9 @@ pub enum Source {
     Synthetic,
     /// A DeepPCB `PCBData` folder (`data.path` or `--data`).
     Deeppcb,
+    /// A COCO detection JSON of training images (`data.path` or `--data`) and one of test
+    /// images (`data.test_path`); see [`crate::coco_data`].
+    Coco,
 }
 
 /// How the training images are divided among the plants.
@@ -52,8 +55,15 @@ pub struct Settings {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DataSettings {
     pub source: Source,
-    /// The DeepPCB `PCBData` folder (deeppcb only).
+    /// The DeepPCB `PCBData` folder (deeppcb) or the training COCO JSON (coco).
     pub path: Option<PathBuf>,
+    /// COCO: the held-out global test set, a second COCO JSON with the same categories.
+    pub test_path: Option<PathBuf>,
+    /// COCO: the folder the JSONs' `file_name`s are relative to (default: `path`'s folder).
+    pub images: Option<PathBuf>,
+    /// COCO: how an image's group is found: `folder` (the first component of its
+    /// `file_name`) or the name of a field of its image record (e.g. `site`).
+    pub group_by: String,
     pub split: SplitKind,
     pub plants: u32,
     /// Dirichlet concentration: of the class split (`split = "dirichlet"`) or of the synthetic
@@ -200,6 +210,9 @@ struct RawExperiment {
 struct RawData {
     source: Option<Source>,
     path: Option<PathBuf>,
+    test_path: Option<PathBuf>,
+    images: Option<PathBuf>,
+    group_by: Option<String>,
     split: Option<SplitKind>,
     plants: Option<u32>,
     alpha: Option<f64>,
@@ -259,9 +272,12 @@ struct RawCompute {
 /// DeepPCB's training split holds seven board groups: its natural plants.
 pub const DEEPPCB_GROUPS: u32 = 7;
 
+/// `data.group_by` that groups COCO images by the first folder of their `file_name`.
+pub const GROUP_BY_FOLDER: &str = "folder";
+
 impl Experiment {
     /// Reads `path`; `data` (the `--data` flag) replaces `data.path` and implies
-    /// `source = "deeppcb"` when the file names no source.
+    /// `source = "deeppcb"` (`"coco"` for a `.json` file) when the file names no source.
     pub fn load(path: &Path, data: Option<&Path>) -> Result<Self, ExperimentError> {
         let text = std::fs::read_to_string(path).map_err(|source| ExperimentError::Read {
             path: path.to_path_buf(),
@@ -292,7 +308,12 @@ impl Experiment {
             toml::from_str(text).map_err(|e| ParseFailure::Toml(e.to_string()))?;
         if let Some(d) = data {
             raw.data.path = Some(d.to_path_buf());
-            raw.data.source.get_or_insert(Source::Deeppcb);
+            let json = d
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+            raw.data
+                .source
+                .get_or_insert(if json { Source::Coco } else { Source::Deeppcb });
         }
         let mut problems = Vec::new();
         let sweep = Sweep::resolve(raw.sweep, &mut problems);
@@ -375,12 +396,16 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
         (Source::Deeppcb, None) => problems.push(
             "data.source is \"deeppcb\" but no folder is given: set data.path or pass --data /path/to/PCBData".into(),
         ),
+        (Source::Coco, None) => problems.push(
+            "data.source is \"coco\" but no training JSON is given: set data.path or pass --data /path/to/train.json".into(),
+        ),
         (Source::Synthetic, Some(p)) => problems.push(format!(
-            "data.path ({}) is set but data.source is \"synthetic\"; set source = \"deeppcb\" or remove the path",
+            "data.path ({}) is set but data.source is \"synthetic\"; set source = \"deeppcb\" or \"coco\", or remove the path",
             p.display()
         )),
         _ => {}
     }
+    check_coco_keys(source, &d, problems);
     let split = d.split.unwrap_or(SplitKind::Group);
     let image_size = d.image_size.unwrap_or(128);
     let synthetic_only = [
@@ -391,29 +416,34 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
         ("style", !d.style.is_empty()),
         ("drift", !d.drift.is_empty()),
     ];
-    if source == Source::Deeppcb {
+    if source != Source::Synthetic {
+        let name = if source == Source::Coco {
+            "coco"
+        } else {
+            "deeppcb"
+        };
         for (key, given) in synthetic_only {
             if given {
                 problems.push(format!(
-                    "data.{key} only shapes synthetic plants; remove it for source = \"deeppcb\""
+                    "data.{key} only shapes synthetic plants; remove it for source = \"{name}\""
                 ));
             }
         }
     }
     let default_input = match source {
         Source::Synthetic => image_size,
-        Source::Deeppcb => 640,
+        Source::Deeppcb | Source::Coco => 640,
     };
     let input_size = raw.model.input_size.unwrap_or(default_input);
     let default_crop = match source {
         // About 3/5 of the board, like DeepPCB's 320 crops of 640 images.
         Source::Synthetic => ((input_size * 3 / 5) / 32 * 32).clamp(32, input_size.max(32)),
-        Source::Deeppcb => 320.min(input_size),
+        Source::Deeppcb | Source::Coco => 320.min(input_size),
     };
     let arch = ArchConfig::default();
     let f = raw.federation;
     let plants = d.plants.unwrap_or(match source {
-        Source::Synthetic => 3,
+        Source::Synthetic | Source::Coco => 3,
         Source::Deeppcb => DEEPPCB_GROUPS,
     });
     let plant_threads = raw.compute.plant_threads.unwrap_or(1);
@@ -426,6 +456,9 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
         data: DataSettings {
             source,
             path: d.path,
+            test_path: d.test_path,
+            images: d.images,
+            group_by: d.group_by.unwrap_or_else(|| GROUP_BY_FOLDER.into()),
             split,
             plants,
             alpha: d.alpha.unwrap_or(1.0),
@@ -641,19 +674,50 @@ fn check_shifts(s: &Settings, p: &mut Vec<String>) {
     }
 }
 
+/// Problems of the COCO-only keys: `test_path` is required for COCO, and the COCO keys mean
+/// nothing for other sources.
+fn check_coco_keys(source: Source, d: &RawData, problems: &mut Vec<String>) {
+    let coco_only = [
+        ("test_path", d.test_path.is_some()),
+        ("images", d.images.is_some()),
+        ("group_by", d.group_by.is_some()),
+    ];
+    if source != Source::Coco {
+        for (key, given) in coco_only {
+            if given {
+                problems.push(format!(
+                    "data.{key} only applies to source = \"coco\"; remove it or set source = \"coco\""
+                ));
+            }
+        }
+        return;
+    }
+    if d.test_path.is_none() {
+        problems.push(
+            "data.test_path: required for source = \"coco\": a second COCO JSON of held-out images (the global test set, with the same categories as data.path)".into(),
+        );
+    }
+    if d.group_by.as_deref().is_some_and(|g| g.trim().is_empty()) {
+        problems.push(format!(
+            "data.group_by: empty; use \"{GROUP_BY_FOLDER}\" (the first folder of each file_name) or the name of an image field such as \"site\""
+        ));
+    }
+}
+
 /// Why sweeping `key` would change nothing with these base settings, if it would not.
 fn no_effect(base: &Settings, key: &str) -> Option<String> {
     let d = &base.data;
     match key {
-        "alpha" if d.source == Source::Deeppcb && d.split != SplitKind::Dirichlet => Some(format!(
-            "alpha only shapes synthetic plants or split = \"dirichlet\"; DeepPCB split = \"{}\" ignores it",
+        "alpha" if d.source != Source::Synthetic && d.split != SplitKind::Dirichlet => Some(format!(
+            "alpha only shapes synthetic plants or split = \"dirichlet\"; {} split = \"{}\" ignores it",
+            if d.source == Source::Coco { "COCO" } else { "DeepPCB" },
             match d.split {
                 SplitKind::Group => "group",
                 SplitKind::Iid => "iid",
                 SplitKind::Dirichlet => "dirichlet",
             }
         )),
-        "size_skew" if d.source == Source::Deeppcb => {
+        "size_skew" if d.source != Source::Synthetic => {
             Some("size_skew only shapes synthetic plants".into())
         }
         _ => None,

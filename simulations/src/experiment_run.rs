@@ -180,7 +180,8 @@ fn site_spec(s: &Settings, dir: &Path, data: &PreparedData) -> Result<SiteSpec> 
         arch: ArchConfig {
             fpn_width: m.fpn_width,
             head_width: m.head_width,
-            ..SiteSpec::deeppcb_arch(m.input_size, m.width)
+            // DeepPCB's input and classes, or a COCO source's.
+            ..data.arch(m.input_size, m.width)
         },
         crop_size: m.crop_size,
         round: RoundSpec {

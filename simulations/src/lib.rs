@@ -7,7 +7,8 @@
 //! Reading order: `synthetic`, `site`, `processes`, `interrupt`, `federation`, `versions`,
 //! `evaluation`, `report`, `progress`, `evaluator`, `quickstart`; then for experiments:
 //! `experiment` and `sweep` (the file), `coordinator_support`, `partition` and `plant_data`
-//! (who holds which image), `synthetic_styles` (plants' looks and drift), `process_memory`,
+//! (who holds which image; `coco_layout`, `coco_source`, `coco_data` for COCO sources),
+//! `synthetic_styles` (plants' looks and drift), `process_memory`,
 //! `virtual_plants` (in-process plants), `eval_sets`, `baselines`, `run_metrics`, `chart`,
 //! `chart_svg`, `chart_png`, `run_report`, `experiment_run` (one run), `simulate_run` (the
 //! command). `deploy/` (not Rust) holds the Helm chart and the Slurm script.
@@ -16,6 +17,9 @@ pub mod baselines;
 pub mod chart;
 pub mod chart_png;
 pub mod chart_svg;
+pub mod coco_data;
+pub mod coco_layout;
+pub mod coco_source;
 pub mod coordinator_support;
 pub mod eval_sets;
 pub mod evaluation;

@@ -59,8 +59,9 @@ enum Command {
     Run {
         /// The experiment file (see simulations/experiments/ and docs/simulations.md).
         experiment: PathBuf,
-        /// DeepPCB PCBData folder (holds trainval.txt and test.txt); replaces the file's
-        /// data.path. Without it and without data.path, synthetic plants are generated.
+        /// DeepPCB PCBData folder (holds trainval.txt and test.txt), or a COCO training JSON
+        /// (source "coco"; data.test_path in the file); replaces the file's data.path.
+        /// Without it and without data.path, synthetic plants are generated.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Output folder [default: .fedinspect/experiments/<experiment name>].

@@ -2,7 +2,9 @@
 //! plant with its own `trainval.txt` and `test.txt` (its share of the source's split files,
 //! chosen by a [`partition`] function) and links to the source's board-group folders, so no
 //! image is copied. The source is a DeepPCB `PCBData` folder or generated synthetic plants
-//! (cached under the output's `data/`, keyed by everything that shapes them).
+//! (cached under the output's `data/`, keyed by everything that shapes them); a COCO source
+//! is prepared by [`crate::coco_data`] into COCO folders ([`crate::coco_layout`]) with the
+//! same partitioners ([`partition_items`]).
 //!
 //! ```text
 //! RUN/plant-data/<plant>/   trainval.txt, test.txt, groupNNNNN -> SOURCE/groupNNNNN
@@ -15,7 +17,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use fedinspect_client::data::deeppcb::parse_annotations;
+use fedinspect_client::data::deeppcb::{parse_annotations, CLASS_NAMES};
+use fedinspect_client::data::Channels;
+use fedinspect_common::arch::ArchConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -59,6 +63,23 @@ pub struct PreparedData {
     pub class_skew: f64,
     /// Plants whose data changes from a round on (`[[data.drift]]`), in plant and round order.
     pub drift: Vec<DriftFolder>,
+    /// The classes, in class-index order: DeepPCB's six, or a COCO source's categories.
+    pub class_names: Vec<String>,
+    /// The detector's input: grey image and template (DeepPCB layout) or RGB (COCO).
+    pub channels: Channels,
+}
+
+impl PreparedData {
+    /// The detector for this data (its input channels and classes) at `input_size` and `width`.
+    pub fn arch(&self, input_size: u32, width: f64) -> ArchConfig {
+        ArchConfig {
+            in_channels: self.channels.count() as u32,
+            num_classes: u32::try_from(self.class_names.len()).unwrap_or(u32::MAX),
+            input_size,
+            width,
+            ..ArchConfig::default()
+        }
+    }
 }
 
 /// A plant's data from a round on: the same boards and labels, another look.
@@ -75,6 +96,7 @@ pub struct DriftFolder {
 /// folders under `run_dir/plant-data`.
 pub fn prepare(s: &Settings, data_cache: &Path, run_dir: &Path) -> Result<PreparedData> {
     let source = match s.data.source {
+        Source::Coco => return crate::coco_data::prepare(s, run_dir),
         Source::Deeppcb => {
             let root = s.data.path.as_ref().expect("checked when parsed");
             if !root.join("trainval.txt").is_file() || !root.join("test.txt").is_file() {
@@ -92,36 +114,10 @@ pub fn prepare(s: &Settings, data_cache: &Path, run_dir: &Path) -> Result<Prepar
     let plants = s.data.plants as usize;
     let train_groups: Vec<String> = train.iter().map(|l| l.group.clone()).collect();
     let classes: Vec<usize> = train.iter().map(|l| l.class).collect();
-    let (train_parts, test_parts): (Partition, Partition) = match s.data.split {
-        SplitKind::Group => {
-            let (parts, names) = partition::by_group(&train_groups, plants)?;
-            let test_parts = names
-                .iter()
-                .map(|gs| {
-                    (0..test.len())
-                        .filter(|&i| gs.contains(&test[i].group))
-                        .collect()
-                })
-                .collect();
-            (parts, test_parts)
-        }
-        SplitKind::Dirichlet => {
-            let (parts, shares) = partition::dirichlet(&classes, plants, s.data.alpha, s.seed)?;
-            let test_classes: Vec<usize> = test.iter().map(|l| l.class).collect();
-            let mut rng = ChaCha8Rng::seed_from_u64(s.seed ^ 0x7e57);
-            let test_parts = partition::by_class_shares(&test_classes, &shares, &mut rng);
-            (parts, test_parts)
-        }
-        SplitKind::Iid => {
-            let parts = partition::iid(train.len(), plants, s.seed)?;
-            let test_parts = if test.len() >= plants {
-                partition::iid(test.len(), plants, s.seed ^ 0x7e57).unwrap_or_default()
-            } else {
-                vec![Vec::new(); plants]
-            };
-            (parts, test_parts)
-        }
-    };
+    let test_groups: Vec<String> = test.iter().map(|l| l.group.clone()).collect();
+    let test_classes: Vec<usize> = test.iter().map(|l| l.class).collect();
+    let (train_parts, test_parts) =
+        partition_items(s, (&train_groups, &classes), (&test_groups, &test_classes))?;
     let class_skew = partition::class_skew(&classes, &train_parts);
     let base = run_dir.join("plant-data");
     if base.exists() {
@@ -190,6 +186,49 @@ pub fn prepare(s: &Settings, data_cache: &Path, run_dir: &Path) -> Result<Prepar
         unseen_test,
         class_skew,
         drift,
+        class_names: CLASS_NAMES.iter().map(|c| c.to_string()).collect(),
+        channels: Channels::GrayTemplate,
+    })
+}
+
+/// Which plant holds which training and which test image, by `s.data.split`, from each
+/// image's `(groups, classes)`: by group, the test images of a plant's groups; by Dirichlet,
+/// the test images dealt with the plant's class shares; IID, an even share (none when there
+/// are fewer than [`partition::MIN_ITEMS`] test images per plant).
+pub fn partition_items(
+    s: &Settings,
+    (train_groups, classes): (&[String], &[usize]),
+    (test_groups, test_classes): (&[String], &[usize]),
+) -> Result<(Partition, Partition)> {
+    let plants = s.data.plants as usize;
+    Ok(match s.data.split {
+        SplitKind::Group => {
+            let (parts, names) = partition::by_group(train_groups, plants)?;
+            let test_parts = names
+                .iter()
+                .map(|gs| {
+                    (0..test_groups.len())
+                        .filter(|&i| gs.contains(&test_groups[i]))
+                        .collect()
+                })
+                .collect();
+            (parts, test_parts)
+        }
+        SplitKind::Dirichlet => {
+            let (parts, shares) = partition::dirichlet(classes, plants, s.data.alpha, s.seed)?;
+            let mut rng = ChaCha8Rng::seed_from_u64(s.seed ^ 0x7e57);
+            let test_parts = partition::by_class_shares(test_classes, &shares, &mut rng);
+            (parts, test_parts)
+        }
+        SplitKind::Iid => {
+            let parts = partition::iid(classes.len(), plants, s.seed)?;
+            let tests = test_classes.len();
+            // `iid` leaves every plant MIN_ITEMS or refuses; with fewer test images the
+            // plants get none rather than a refusal (an empty partition would drop every plant).
+            let test_parts = partition::iid(tests, plants, s.seed ^ 0x7e57)
+                .unwrap_or_else(|_| vec![Vec::new(); plants]);
+            (parts, test_parts)
+        }
     })
 }
 

@@ -16,10 +16,11 @@ use crate::{chart_png, chart_svg};
 
 /// What the figures and tables measure, printed in every report.
 const MEASURES: &str = "\
-- **map_33**: mean average precision over the six defect classes with a detection counted \
-correct at IoU > 0.33 (the DeepPCB protocol); **map_50** at IoU >= 0.5.
-- **global**: the held-out test split (the source's `test.txt`: DeepPCB's official test split, \
-or every synthetic plant's test boards). **unseen**: its boards of groups no plant trains on. \
+- **map_33**: mean average precision over the defect classes (DeepPCB's six, or the COCO \
+source's categories) with a detection counted correct at IoU > 0.33 (the DeepPCB protocol); \
+**map_50** at IoU >= 0.5.
+- **global**: the held-out test split (DeepPCB's official `test.txt`, the COCO source's \
+`test_path`, or every synthetic plant's test boards). **unseen**: its boards of groups no plant trains on. \
 **own**: a plant's own test data (its share of the test split).
 - **federated**: the version the coordinator published after each round, exported through the \
 Admin service with its signature checked. **centralised**: one model trained on the union of \

@@ -21,7 +21,7 @@ use crate::run_report::write_summary;
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub experiment: PathBuf,
-    /// A DeepPCB `PCBData` folder; replaces the file's `data.path`.
+    /// A DeepPCB `PCBData` folder or a COCO training JSON; replaces the file's `data.path`.
     pub data: Option<PathBuf>,
     /// Output folder; default `.fedinspect/experiments/<name>`.
     pub out: Option<PathBuf>,

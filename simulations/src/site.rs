@@ -1,6 +1,7 @@
 //! The files of a federation on this machine, in one folder: a development PKI (kept across
 //! runs), the initial model, `coordinator.toml`, and per plant a `plant.toml` naming its own
-//! data (DeepPCB board groups, or synthetic plants in DeepPCB layout) and its state folder.
+//! data (DeepPCB board groups, synthetic plants in DeepPCB layout, or a COCO folder of
+//! [`crate::coco_layout`] as `data.coco`) and its state folder.
 //! [`Site::create`] replaces everything of an earlier run but the PKI and the data.
 //!
 //! ```text
@@ -27,6 +28,7 @@ use fedinspect_common::fsutil;
 use fedinspect_common::pki::{self, InitOptions, PkiLayout};
 use toml::{Table, Value};
 
+use crate::coco_layout;
 use crate::coordinator_support::ConfigEntry;
 
 /// Folders of an earlier run that a new run replaces.
@@ -36,7 +38,8 @@ const RUN_FOLDERS: [&str; 4] = ["coordinator", "plants", "logs", "models"];
 #[derive(Clone, Debug)]
 pub struct PlantSpec {
     pub id: String,
-    /// A folder in DeepPCB layout (holding `trainval.txt`).
+    /// A folder in DeepPCB layout (holding `trainval.txt`) or a COCO folder
+    /// ([`coco_layout`]: `train.json` and an `images` link).
     pub data_root: PathBuf,
     /// The board groups that are this plant's data.
     pub groups: Vec<String>,
@@ -65,7 +68,8 @@ pub struct RoundSpec {
 pub struct SiteSpec {
     pub root: PathBuf,
     pub plants: Vec<PlantSpec>,
-    /// The detector; channels and classes are DeepPCB's (grey image + template, 6 classes).
+    /// The detector; channels and classes are DeepPCB's (grey image + template, 6 classes),
+    /// or a COCO source's (RGB, its categories: `PreparedData::arch`).
     pub arch: ArchConfig,
     /// Training crop of the plants, a multiple of 32 no larger than the input size.
     pub crop_size: u32,
@@ -220,7 +224,13 @@ impl Site {
     }
 
     fn write_initial_model(&self) -> Result<()> {
-        let names = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
+        // Names are not part of the weights; only their number must match the architecture.
+        let classes = self.spec.arch.num_classes as usize;
+        let names = if classes == CLASS_NAMES.len() {
+            CLASS_NAMES.iter().map(|s| s.to_string()).collect()
+        } else {
+            (0..classes).map(|i| format!("class-{i}")).collect()
+        };
         let model = Detector::seeded(
             self.spec.arch.clone(),
             names,
@@ -285,7 +295,6 @@ impl Site {
     fn plant_toml(&self, p: &PlantSpec, address: &str) -> Table {
         let files = self.pki.plant_files(&p.id);
         let a = &self.spec.arch;
-        let groups = p.groups.iter().map(|g| text(g)).collect();
         table([
             (
                 "coordinator",
@@ -303,14 +312,7 @@ impl Site {
                 ])),
             ),
             ("state", Value::Table(table([("dir", text("state"))]))),
-            (
-                "data",
-                Value::Table(table([
-                    ("deeppcb", path(&p.data_root)),
-                    ("groups", Value::Array(groups)),
-                    ("validation_fraction", Value::Float(p.validation_fraction)),
-                ])),
-            ),
+            ("data", Value::Table(data_toml(p))),
             (
                 "model",
                 Value::Table(table([
@@ -342,6 +344,26 @@ impl Site {
             ),
         ])
     }
+}
+
+/// A plant's `[data]`: its DeepPCB-layout folder and groups, or its COCO folder's
+/// `train.json` with the source's image root (`coco_images`).
+fn data_toml(p: &PlantSpec) -> Table {
+    let validation = ("validation_fraction", Value::Float(p.validation_fraction));
+    if coco_layout::is_coco_folder(&p.data_root) {
+        return table([
+            ("coco", path(&p.data_root.join(coco_layout::TRAIN_JSON))),
+            ("coco_images", path(&coco_layout::image_root(&p.data_root))),
+            ("channels", text(coco_layout::CHANNELS_NAME)),
+            validation,
+        ]);
+    }
+    let groups = p.groups.iter().map(|g| text(g)).collect();
+    table([
+        ("deeppcb", path(&p.data_root)),
+        ("groups", Value::Array(groups)),
+        validation,
+    ])
 }
 
 /// The PKI in `dir`: reused when it exists (enrolling plants it lacks), else created.

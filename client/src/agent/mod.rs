@@ -180,7 +180,14 @@ impl Agent {
         shutdown: &watch::Receiver<bool>,
     ) -> Result<SessionEnd, AgentError> {
         let connect = async {
-            let mut conn = rpc::connect(&self.config.coordinator, &self.config.tls).await?;
+            let a = &self.config.agent;
+            let bounds = rpc::Bounds {
+                connect: a.connect_timeout,
+                call: a.call_timeout,
+                stream_idle: a.stream_idle_timeout,
+            };
+            let mut conn =
+                rpc::connect_with(&self.config.coordinator, &self.config.tls, bounds).await?;
             let key = self.config.signing_key.verifying_key();
             let reg = conn.register(&self.capabilities, &key).await.map_err(|e| {
                 if e.is_transient() {

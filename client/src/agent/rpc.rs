@@ -1,7 +1,10 @@
 //! The agent's gRPC edge: one mutual-TLS connection to the coordinator and the calls a
 //! plant makes on it (bundle downloads and install reports in `bundle`). Only this module and
 //! its `bundle`, `from_proto` and `to_proto` children know protobuf; every message becomes a
-//! domain type (or an [`RpcError`]) here.
+//! domain type (or an [`RpcError`]) here. Every wait on the coordinator is bounded
+//! ([`Bounds`]): connecting (TCP and the TLS handshake), each unary call, each message of a
+//! download, the acknowledgement after an upload's last byte; the connection's HTTP/2
+//! keepalive notices a silent network on the long-lived task stream.
 
 mod bundle;
 mod from_proto;
@@ -42,6 +45,47 @@ pub enum RpcError {
     },
     #[error("the coordinator sent a malformed {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
+    #[error("{what} got no answer from the coordinator within {} s ([agent] {key}); the agent reconnects and retries", after.as_secs_f64())]
+    TimedOut {
+        what: &'static str,
+        after: Duration,
+        /// The plant.toml key that sets the bound.
+        key: &'static str,
+    },
+}
+
+/// How long the agent waits on the coordinator; plant.toml `[agent]` sets them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bounds {
+    /// TCP connect and the TLS handshake together (`connect_timeout_secs`).
+    pub connect: Duration,
+    /// A unary call's answer, and the acknowledgement after an upload's last byte
+    /// (`call_timeout_secs`).
+    pub call: Duration,
+    /// The gap between two chunks of a download (`stream_idle_timeout_secs`).
+    pub stream_idle: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            call: Duration::from_secs(60),
+            stream_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Awaits `fut` for at most `after`; past it, [`RpcError::TimedOut`].
+async fn bounded<T>(
+    what: &'static str,
+    after: Duration,
+    key: &'static str,
+    fut: impl std::future::Future<Output = Result<T, RpcError>>,
+) -> Result<T, RpcError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .unwrap_or(Err(RpcError::TimedOut { what, after, key }))
 }
 
 impl RpcError {
@@ -57,7 +101,9 @@ impl RpcError {
     pub fn code(&self) -> Option<Code> {
         match self {
             RpcError::Status { code, .. } => Some(*code),
-            RpcError::Connect { .. } | RpcError::Malformed { .. } => None,
+            RpcError::Connect { .. } | RpcError::Malformed { .. } | RpcError::TimedOut { .. } => {
+                None
+            }
         }
     }
 
@@ -65,7 +111,9 @@ impl RpcError {
     /// coordinator failed, rather than the coordinator refusing the request.
     pub fn is_transient(&self) -> bool {
         match self {
-            RpcError::Connect { .. } | RpcError::Malformed { .. } => true,
+            RpcError::Connect { .. } | RpcError::Malformed { .. } | RpcError::TimedOut { .. } => {
+                true
+            }
             RpcError::Status { code, .. } => matches!(
                 code,
                 Code::Unavailable
@@ -84,13 +132,24 @@ impl RpcError {
 /// An open connection to the coordinator.
 pub struct Connection {
     client: FederationClient<Channel>,
+    bounds: Bounds,
 }
 
 /// The coordinator's task stream.
 pub struct TaskStream(Streaming<pb::Task>);
 
-/// Connects over mutual TLS with the plant's certificate, trusting only the configured CA.
+/// Connects over mutual TLS with the plant's certificate, trusting only the configured CA,
+/// with the default [`Bounds`].
 pub async fn connect(cfg: &CoordinatorConfig, pem: &TonicPem) -> Result<Connection, RpcError> {
+    connect_with(cfg, pem, Bounds::default()).await
+}
+
+/// [`connect`] with `bounds` on every wait.
+pub async fn connect_with(
+    cfg: &CoordinatorConfig,
+    pem: &TonicPem,
+    bounds: Bounds,
+) -> Result<Connection, RpcError> {
     let fail = |source| RpcError::Connect {
         address: cfg.address.clone(),
         source,
@@ -108,18 +167,23 @@ pub async fn connect(cfg: &CoordinatorConfig, pem: &TonicPem) -> Result<Connecti
         })?
         .tls_config(tls)
         .map_err(fail)?
-        .connect_timeout(Duration::from_secs(10))
+        // tonic bounds only the TCP connect with this; the TLS handshake is bounded below.
+        .connect_timeout(bounds.connect)
         // A silent network on the long-lived task stream is noticed within a minute.
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(fail)?;
+        .keep_alive_while_idle(true);
+    let channel = bounded(
+        "connecting (TCP and TLS handshake)",
+        bounds.connect,
+        "connect_timeout_secs",
+        async { channel.connect().await.map_err(fail) },
+    )
+    .await?;
     let client = FederationClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    Ok(Connection { client })
+    Ok(Connection { client, bounds })
 }
 
 impl Connection {
@@ -129,11 +193,16 @@ impl Connection {
         plant_key: &VerifyingKey,
     ) -> Result<Registration, RpcError> {
         let req = to_proto::register(caps, plant_key);
+        let client = &mut self.client;
         let resp = self
-            .client
-            .register(req)
-            .await
-            .map_err(|s| RpcError::status("Register", s))?;
+            .bounds
+            .call("Register", async {
+                client
+                    .register(req)
+                    .await
+                    .map_err(|s| RpcError::status("Register", s))
+            })
+            .await?;
         from_proto::registration(resp.into_inner())
     }
 
@@ -141,11 +210,16 @@ impl Connection {
         let req = pb::TasksRequest {
             protocol_version: PROTOCOL_VERSION,
         };
+        let client = &mut self.client;
         let stream = self
-            .client
-            .tasks(req)
-            .await
-            .map_err(|s| RpcError::status("Tasks", s))?;
+            .bounds
+            .call("Tasks", async {
+                client
+                    .tasks(req)
+                    .await
+                    .map_err(|s| RpcError::status("Tasks", s))
+            })
+            .await?;
         Ok(TaskStream(stream.into_inner()))
     }
 
@@ -158,19 +232,29 @@ impl Connection {
             version,
             offset: 0,
         };
+        let client = &mut self.client;
         let mut stream = self
-            .client
-            .download_model(req)
-            .await
-            .map_err(|s| RpcError::status(CALL, s))?
+            .bounds
+            .call(CALL, async {
+                client
+                    .download_model(req)
+                    .await
+                    .map_err(|s| RpcError::status(CALL, s))
+            })
+            .await?
             .into_inner();
         let mut bytes = Vec::new();
         let mut digest = Vec::new();
         let mut total = None;
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| RpcError::status(CALL, s))?
+        while let Some(chunk) = self
+            .bounds
+            .next_chunk(CALL, async {
+                stream
+                    .message()
+                    .await
+                    .map_err(|s| RpcError::status(CALL, s))
+            })
+            .await?
         {
             let chunk = from_proto::chunk(chunk, bytes.len() as u64, &mut total)?;
             bytes.extend_from_slice(&chunk.data);
@@ -239,12 +323,35 @@ impl Connection {
                 })),
             }
         });
-        let parts = tokio_stream::iter(std::iter::once(first).chain(rest));
-        let resp = self
-            .client
-            .upload_update(parts)
-            .await
-            .map_err(|s| RpcError::status("UploadUpdate", s))?;
+        // Signals when tonic took the last part: from then on only the acknowledgement is
+        // awaited, and that is bounded; before, the HTTP/2 keepalive and the coordinator's
+        // own idle limit bound the stream.
+        let (sent_all, all_sent) = tokio::sync::oneshot::channel::<()>();
+        let mut sent_all = Some(sent_all);
+        let end = std::iter::from_fn(move || {
+            if let Some(tx) = sent_all.take() {
+                let _ = tx.send(());
+            }
+            None
+        });
+        let parts = tokio_stream::iter(std::iter::once(first).chain(rest).chain(end));
+        let call = self.client.upload_update(parts);
+        let ack_wait = self.bounds.call;
+        let ack_timeout = async {
+            if all_sent.await.is_ok() {
+                tokio::time::sleep(ack_wait).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let resp = tokio::select! {
+            r = call => r.map_err(|s| RpcError::status("UploadUpdate", s))?,
+            () = ack_timeout => return Err(RpcError::TimedOut {
+                what: "UploadUpdate's acknowledgement after the last byte",
+                after: ack_wait,
+                key: "call_timeout_secs",
+            }),
+        };
         from_proto::upload_ack(resp.into_inner(), &header.update_id)
     }
 
@@ -254,19 +361,44 @@ impl Connection {
             protocol_version: PROTOCOL_VERSION,
             update_id: id.to_vec(),
         };
+        let client = &mut self.client;
         let pb::UploadStatusResponse {
             durable_bytes,
             accepted,
         } = self
-            .client
-            .upload_status(req)
-            .await
-            .map_err(|s| RpcError::status("UploadStatus", s))?
+            .bounds
+            .call("UploadStatus", async {
+                client
+                    .upload_status(req)
+                    .await
+                    .map_err(|s| RpcError::status("UploadStatus", s))
+            })
+            .await?
             .into_inner();
         Ok(UploadStatus {
             durable_bytes,
             accepted,
         })
+    }
+}
+
+impl Bounds {
+    /// A unary call, or the start of a streaming one, within [`Bounds::call`].
+    pub(crate) async fn call<T>(
+        &self,
+        what: &'static str,
+        fut: impl std::future::Future<Output = Result<T, RpcError>>,
+    ) -> Result<T, RpcError> {
+        bounded(what, self.call, "call_timeout_secs", fut).await
+    }
+
+    /// The next chunk of a download within [`Bounds::stream_idle`].
+    pub(crate) async fn next_chunk<T>(
+        &self,
+        what: &'static str,
+        fut: impl std::future::Future<Output = Result<T, RpcError>>,
+    ) -> Result<T, RpcError> {
+        bounded(what, self.stream_idle, "stream_idle_timeout_secs", fut).await
     }
 }
 

@@ -79,6 +79,7 @@ impl Site {
             limits,
             bundles: None,
             metrics_listen: None,
+            storage: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         Coordinator::build(&config)

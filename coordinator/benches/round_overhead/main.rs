@@ -13,6 +13,10 @@
 //! `--load KxP` runs the load cell instead of the grid ([`load`]): K plants uploading at
 //! once in one round (`--cells none --flower none` are implied).
 //!
+//! `--rounds-memory KxPxR [--every 25] [--keep-blobs 2] [--coordinator label=PATH,...]
+//! [--wrap "heaptrack -o FILE"]` runs the memory-over-rounds mode instead ([`memory`]): the
+//! coordinator's resident memory and sled size every N rounds and its growth per round.
+//!
 //! The coordinator is the real `coordinator` binary in its own process; the plants are tokio
 //! tasks of this process (one connection and certificate each), so "plants RSS" is this
 //! process's peak.
@@ -20,6 +24,7 @@
 mod cell;
 mod flower;
 mod load;
+mod memory;
 mod plant;
 mod procfs;
 mod tls_bound;
@@ -42,6 +47,7 @@ struct Args {
     flower_rounds: u32,
     keep: bool,
     load: Option<(u32, ModelSize)>,
+    memory: Option<memory::MemoryArgs>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -52,7 +58,12 @@ fn parse_args() -> Result<Args> {
         flower_rounds: 2,
         keep: false,
         load: None,
+        memory: None,
     };
+    let mut every = 25;
+    let mut keep_blobs = 2;
+    let mut coordinators = None;
+    let mut wrap = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| anyhow!("{arg} needs a value"));
@@ -66,11 +77,41 @@ fn parse_args() -> Result<Args> {
             "--flower-rounds" => a.flower_rounds = value()?.parse()?,
             "--keep" => a.keep = true,
             "--load" => a.load = Some(parse_cells(&value()?)?[0]),
+            "--rounds-memory" => {
+                let (clients, size, rounds) = memory::parse_spec(&value()?)?;
+                a.memory = Some(memory::MemoryArgs {
+                    clients,
+                    size,
+                    rounds,
+                    every: 25,
+                    keep_blobs: 2,
+                    coordinators: Vec::new(),
+                    wrap: None,
+                });
+            }
+            "--every" => every = value()?.parse()?,
+            "--keep-blobs" => keep_blobs = value()?.parse()?,
+            "--coordinator" => coordinators = Some(memory::parse_coordinators(&value()?)?),
+            "--wrap" => wrap = Some(value()?),
             "--bench" => {} // passed by `cargo bench`
             other => bail!(
-                "unknown argument {other}; use --cells 4x1M,16x10M --rounds 5 --flower 16x10M|none --flower-rounds 2 --keep --load 200x10M"
+                "unknown argument {other}; use --cells 4x1M,16x10M --rounds 5 --flower 16x10M|none --flower-rounds 2 --keep --load 200x10M, or --rounds-memory 64xtinyx300 --every 25 --keep-blobs 2 --coordinator label=PATH,... --wrap CMD"
             ),
         }
+    }
+    if let Some(m) = &mut a.memory {
+        if every == 0 || keep_blobs == 0 {
+            bail!("--every and --keep-blobs must be at least 1");
+        }
+        m.every = every;
+        m.keep_blobs = keep_blobs;
+        m.wrap = wrap;
+        m.coordinators = coordinators.unwrap_or_else(|| {
+            vec![(
+                "this-build".into(),
+                env!("CARGO_BIN_EXE_coordinator").into(),
+            )]
+        });
     }
     if !(1..=5).contains(&a.rounds) {
         bail!("--rounds must be 1 to 5: the canonical checksums cover rounds 1 to 5");
@@ -110,6 +151,14 @@ fn main() -> ExitCode {
 /// Runs the grid; false if any model differed from the canonical checksums.
 async fn run() -> Result<bool> {
     let args = parse_args()?;
+    if let Some(m) = &args.memory {
+        let work = tempfile::Builder::new().prefix("memory-").tempdir()?;
+        memory::run(work.path(), m).await?;
+        if args.keep {
+            println!("work folder kept: {}", work.keep().display());
+        }
+        return Ok(true);
+    }
     if let Some((clients, size)) = args.load {
         let work = tempfile::Builder::new().prefix("load-").tempdir()?;
         println!(

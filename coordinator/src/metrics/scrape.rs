@@ -62,6 +62,12 @@ pub fn render(hub: &Hub) -> Result<String, CoreError> {
         c.model_bytes_sent as f64,
     );
     e.single(
+        "fedinspect_restarts_in_place_total",
+        "counter",
+        "Times this coordinator (same PID) restarted itself after its disk took writes again.",
+        hub.metrics.restarts_in_place() as f64,
+    );
+    e.single(
         "fedinspect_aggregations_total",
         "counter",
         "Aggregations completed.",

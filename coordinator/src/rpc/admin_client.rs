@@ -106,6 +106,13 @@ impl From<tonic::Status> for AdminClientError {
     }
 }
 
+/// How long `coordinator admin` waits to connect (TCP and TLS handshake).
+const ADMIN_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// HTTP/2 keepalive of `coordinator admin`: a ping this often, the connection closed when one
+/// is not answered within as long again.
+const ADMIN_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A connection to a coordinator's admin service.
 pub struct AdminSession {
     client: AdminClient<Channel>,
@@ -122,12 +129,24 @@ impl AdminSession {
             addr: addr.to_string(),
             reason: error_chain(&e),
         };
-        let channel = Channel::from_shared(addr.to_string())
+        let endpoint = Channel::from_shared(addr.to_string())
             .map_err(|_| AdminClientError::Address(addr.to_string()))?
             .tls_config(tls)
             .map_err(connect_err)?
-            .connect()
+            .connect_timeout(ADMIN_CONNECT_TIMEOUT)
+            // A coordinator that vanishes mid-command (a long export or check) is noticed.
+            .http2_keep_alive_interval(ADMIN_KEEPALIVE)
+            .keep_alive_timeout(ADMIN_KEEPALIVE);
+        // tonic's connect timeout covers TCP only; this one covers the TLS handshake too.
+        let channel = tokio::time::timeout(ADMIN_CONNECT_TIMEOUT, endpoint.connect())
             .await
+            .map_err(|_| AdminClientError::Connect {
+                addr: addr.to_string(),
+                reason: format!(
+                    "no TLS connection within {} s",
+                    ADMIN_CONNECT_TIMEOUT.as_secs()
+                ),
+            })?
             .map_err(connect_err)?;
         Ok(Self {
             client: AdminClient::new(channel),

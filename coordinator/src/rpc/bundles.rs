@@ -31,10 +31,12 @@ pub fn push(hub: &Hub) -> Result<Arc<BundlePush>, Status> {
     })
 }
 
-/// Streams bundle `bundle_id`'s archive from `offset`.
+/// Streams bundle `bundle_id`'s archive from `offset`; a plant that takes no chunk for `idle`
+/// (`round.stream_idle_timeout_secs`) loses the download.
 pub async fn download(
     push: Arc<BundlePush>,
     req: pb::DownloadBundleRequest,
+    idle: std::time::Duration,
 ) -> Result<BoxStream<pb::Chunk>, CoreError> {
     let pb::DownloadBundleRequest {
         protocol_version,
@@ -59,7 +61,9 @@ pub async fn download(
         )));
     }
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(send_archive(push, bundle_id, offset, total, digest, tx));
+    tokio::spawn(send_archive(
+        push, bundle_id, offset, total, digest, tx, idle,
+    ));
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
@@ -171,6 +175,7 @@ async fn send_archive(
     total: u64,
     digest: Vec<u8>,
     tx: mpsc::Sender<Result<pb::Chunk, Status>>,
+    idle: std::time::Duration,
 ) {
     loop {
         let read = {
@@ -194,8 +199,18 @@ async fn send_archive(
             total_bytes: total,
             sha256: if last { digest.clone() } else { Vec::new() },
         };
-        if tx.send(Ok(chunk)).await.is_err() || last {
-            return;
+        match tokio::time::timeout(idle, tx.send(Ok(chunk))).await {
+            Ok(Ok(())) if !last => {}
+            Ok(_) => return, // sent the last chunk, or the plant went away
+            Err(_) => {
+                tracing::warn!(
+                    bundle = %id,
+                    offset,
+                    "the plant took no bundle chunk for {} s (round.stream_idle_timeout_secs); ending its download",
+                    idle.as_secs()
+                );
+                return;
+            }
         }
         offset = end;
     }

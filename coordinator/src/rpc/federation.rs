@@ -159,10 +159,11 @@ impl FederationService {
         // Past `limits.max_concurrent_downloads`, a download waits for a slot before its
         // first chunk is read, so queued chunks do not grow with the number of plants.
         let slots = self.hub.download_slots.clone();
+        let idle = self.hub.policy.stream_idle_timeout;
         tokio::spawn(
             async move {
                 let _slot = slots.acquire_owned().await;
-                send_file(file, offset, record, round, tx, metrics).await
+                send_file(file, offset, record, round, tx, metrics, idle).await
             }
             .instrument(span),
         );
@@ -340,10 +341,14 @@ impl Federation for FederationService {
         self.registered_plant(&who.id)
             .map_err(|e| self.refuse(&actor, "download_bundle", e))?;
         let push = bundles::push(&self.hub)?;
-        bundles::download(push, request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| self.refuse(&actor, "download_bundle", e))
+        bundles::download(
+            push,
+            request.into_inner(),
+            self.hub.policy.stream_idle_timeout,
+        )
+        .await
+        .map(Response::new)
+        .map_err(|e| self.refuse(&actor, "download_bundle", e))
     }
 
     async fn report_install(
@@ -411,7 +416,9 @@ fn response(u: &crate::records::UpdateRecord, duplicate: bool) -> pb::UploadUpda
 }
 
 /// Streams a model blob from `offset` in chunks of at most [`CHUNK_BYTES`]; the last chunk
-/// carries the SHA-256 of the whole file.
+/// carries the SHA-256 of the whole file. A plant that takes no chunk for `idle`
+/// (`round.stream_idle_timeout_secs`) while its connection answers pings loses the download,
+/// so it cannot hold a download slot for ever.
 async fn send_file(
     file: std::fs::File,
     mut offset: u64,
@@ -419,6 +426,7 @@ async fn send_file(
     round: Option<Arc<OpenRound>>,
     tx: mpsc::Sender<Result<pb::Chunk, Status>>,
     metrics: Arc<crate::metrics::Metrics>,
+    idle: std::time::Duration,
 ) {
     use std::os::unix::fs::FileExt;
 
@@ -450,8 +458,17 @@ async fn send_file(
                 Vec::new()
             },
         };
-        if tx.send(Ok(chunk)).await.is_err() {
-            return; // the plant went away
+        match tokio::time::timeout(idle, tx.send(Ok(chunk))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return, // the plant went away
+            Err(_) => {
+                tracing::warn!(
+                    offset,
+                    "the plant took no model chunk for {} s (round.stream_idle_timeout_secs); ending its download",
+                    idle.as_secs()
+                );
+                return;
+            }
         }
         if let Some(r) = &round {
             r.count_sent(want as u64);

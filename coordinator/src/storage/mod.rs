@@ -39,7 +39,7 @@ use sled::Transactional;
 
 pub use blobs::{BlobStore, Incoming};
 pub use delta_file::{header_bytes, DeltaFile};
-pub use disk::DiskProblem;
+pub use disk::{probe_usable, DiskProblem, NotUsable};
 pub use partial::{Claim, PartialMark, Partials};
 
 use crate::records::{
@@ -56,7 +56,7 @@ const REMOVED_THROUGH_KEY: &[u8] = b"update_blobs_removed_through";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("the database in {} met a {problem} and refuses writes until the coordinator restarts (sled keeps the error); fix the disk, then restart the coordinator: nothing acknowledged is lost", path.display())]
+    #[error("the database in {} met a {problem} and refuses writes until the coordinator restarts (sled keeps the error); fix the disk: the coordinator restarts itself once the disk is usable again ([storage] restart_when_disk_recovers; otherwise restart it), nothing acknowledged is lost", path.display())]
     DatabaseFailed { path: PathBuf, problem: DiskProblem },
     #[error("database error in {}: {source}; check the disk, and that no other coordinator uses this data_dir", path.display())]
     Sled {
@@ -263,6 +263,7 @@ impl Store {
         model: &ModelRecord,
         round: Option<&RoundRecord>,
     ) -> Result<(), StorageError> {
+        self.writable()?;
         let key = model.version.to_be_bytes();
         let value = encode(model);
         let round_kv = round.map(|r| (r.round.to_be_bytes(), encode(r)));
@@ -292,6 +293,7 @@ impl Store {
         changed: &[ModelRecord],
         history: &[u64],
     ) -> Result<(), StorageError> {
+        self.writable()?;
         let history = serde_json::to_vec(history).expect("a list of integers serialises");
         let result = (&self.models, &self.meta).transaction(|(models, meta)| {
             for m in changed {
@@ -315,6 +317,7 @@ impl Store {
     /// Records an accepted update with its id index, unless its id or its (round, plant) slot
     /// is taken; see [`RecordOutcome`].
     pub fn record_update(&self, rec: &UpdateRecord) -> Result<RecordOutcome, StorageError> {
+        self.writable()?;
         let key = update_key(rec.round, &rec.plant_id);
         let value = encode(rec);
         let result = (&self.updates, &self.update_ids).transaction(|(updates, ids)| {
@@ -373,6 +376,7 @@ impl Store {
     // ---- audit
 
     pub fn audit(&self, entry: &AuditEntry) -> Result<(), StorageError> {
+        self.writable()?;
         let id = self.db.generate_id().map_err(|e| self.err(e))?;
         self.put(&self.audit, &id.to_be_bytes(), entry)
     }
@@ -461,6 +465,13 @@ impl Store {
             let _ = self.write_failed.set(problem);
         }
         e
+    }
+
+    /// The disk problem sled met, if it did: from then on this store refuses writes, and only
+    /// a new process can write again (`node::disk_recovery` restarts the coordinator in place
+    /// once the disk is usable).
+    pub fn database_failed(&self) -> Option<DiskProblem> {
+        self.write_failed.get().copied()
     }
 
     /// Refuses a write once sled met a disk problem (see `write_failed`).

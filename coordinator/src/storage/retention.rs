@@ -29,8 +29,11 @@ pub fn remove_old_update_blobs(
     keep_rounds: u64,
 ) -> Result<Removed, StorageError> {
     let already = store.update_blobs_removed_through()?;
+    // Only the newest round can still be running, so the newest keep + 2 rounds hold the
+    // cutoff: reading every round each pass cost time and memory growing with the history.
+    let newest = usize::try_from(keep_rounds.saturating_add(2)).unwrap_or(usize::MAX);
     let ended: Vec<u64> = store
-        .rounds(usize::MAX)?
+        .rounds(newest)?
         .into_iter()
         .filter(|r| matches!(r.state, RoundState::Published | RoundState::Failed))
         .map(|r| r.round)

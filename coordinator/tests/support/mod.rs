@@ -64,6 +64,7 @@ impl Site {
             limits,
             bundles: None,
             metrics_listen: None,
+            storage: Default::default(),
         }
     }
 

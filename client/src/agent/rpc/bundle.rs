@@ -40,11 +40,16 @@ impl Connection {
             bundle_id: id.to_string(),
             offset: 0,
         };
+        let client = &mut self.client;
         let mut stream = self
-            .client
-            .download_bundle(req)
-            .await
-            .map_err(|s| RpcError::status(CALL, s))?
+            .bounds
+            .call(CALL, async {
+                client
+                    .download_bundle(req)
+                    .await
+                    .map_err(|s| RpcError::status(CALL, s))
+            })
+            .await?
             .into_inner();
         let mut file = std::io::BufWriter::new(std::fs::File::create(out).map_err(write_err)?);
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -55,10 +60,15 @@ impl Connection {
             id: id.to_string(),
             reason,
         };
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| RpcError::status(CALL, s))?
+        while let Some(chunk) = self
+            .bounds
+            .next_chunk(CALL, async {
+                stream
+                    .message()
+                    .await
+                    .map_err(|s| RpcError::status(CALL, s))
+            })
+            .await?
         {
             let chunk = from_proto::bundle_chunk(chunk, received, &mut total)
                 .map_err(|e| corrupt(e.to_string()))?;
@@ -100,10 +110,15 @@ impl Connection {
                 })
                 .collect(),
         };
-        self.client
-            .report_calibration(req)
-            .await
-            .map_err(|s| RpcError::status("ReportCalibration", s))?;
+        let client = &mut self.client;
+        self.bounds
+            .call("ReportCalibration", async {
+                client
+                    .report_calibration(req)
+                    .await
+                    .map_err(|s| RpcError::status("ReportCalibration", s))
+            })
+            .await?;
         Ok(())
     }
 
@@ -116,10 +131,15 @@ impl Connection {
             message: outcome.message.clone(),
             engine_built_locally: outcome.engine_built_locally,
         };
-        self.client
-            .report_install(req)
-            .await
-            .map_err(|s| RpcError::status("ReportInstall", s))?;
+        let client = &mut self.client;
+        self.bounds
+            .call("ReportInstall", async {
+                client
+                    .report_install(req)
+                    .await
+                    .map_err(|s| RpcError::status("ReportInstall", s))
+            })
+            .await?;
         Ok(())
     }
 }
