@@ -11,6 +11,7 @@
 
 mod exposition;
 pub mod handshakes;
+pub mod idle_io;
 pub mod scrape;
 pub mod server;
 

@@ -1,5 +1,6 @@
 //! The metrics endpoint: plain HTTP (no TLS: bind it to a management address) serving
-//! `GET /metrics` in Prometheus' text format, stopped with the coordinator.
+//! `GET /metrics` in Prometheus' text format, stopped with the coordinator. A connection that
+//! sends nothing for [`idle_io::IDLE_TIMEOUT`] is closed ([`idle_io`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use super::exposition::CONTENT_TYPE;
+use super::idle_io::{self, IdleTimeoutListener};
 use super::scrape;
 use crate::hub::Hub;
 
@@ -24,9 +26,12 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state(hub);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        IdleTimeoutListener::new(listener, idle_io::IDLE_TIMEOUT),
+        app,
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
