@@ -246,16 +246,7 @@ impl Connection {
         let mut bytes = Vec::new();
         let mut digest = Vec::new();
         let mut total = None;
-        while let Some(chunk) = self
-            .bounds
-            .next_chunk(CALL, async {
-                stream
-                    .message()
-                    .await
-                    .map_err(|s| RpcError::status(CALL, s))
-            })
-            .await?
-        {
+        while let Some(chunk) = self.bounds.next_chunk(CALL, &mut stream).await? {
             let chunk = from_proto::chunk(chunk, bytes.len() as u64, &mut total)?;
             bytes.extend_from_slice(&chunk.data);
             digest = chunk.sha256;
@@ -392,13 +383,20 @@ impl Bounds {
         bounded(what, self.call, "call_timeout_secs", fut).await
     }
 
-    /// The next chunk of a download within [`Bounds::stream_idle`].
+    /// The next message of a download stream within [`Bounds::stream_idle`]; `None` when the
+    /// coordinator ended the stream.
     pub(crate) async fn next_chunk<T>(
         &self,
         what: &'static str,
-        fut: impl std::future::Future<Output = Result<T, RpcError>>,
-    ) -> Result<T, RpcError> {
-        bounded(what, self.stream_idle, "stream_idle_timeout_secs", fut).await
+        stream: &mut tonic::Streaming<T>,
+    ) -> Result<Option<T>, RpcError> {
+        bounded(what, self.stream_idle, "stream_idle_timeout_secs", async {
+            stream
+                .message()
+                .await
+                .map_err(|s| RpcError::status(what, s))
+        })
+        .await
     }
 }
 

@@ -60,16 +60,7 @@ impl Connection {
             id: id.to_string(),
             reason,
         };
-        while let Some(chunk) = self
-            .bounds
-            .next_chunk(CALL, async {
-                stream
-                    .message()
-                    .await
-                    .map_err(|s| RpcError::status(CALL, s))
-            })
-            .await?
-        {
+        while let Some(chunk) = self.bounds.next_chunk(CALL, &mut stream).await? {
             let chunk = from_proto::bundle_chunk(chunk, received, &mut total)
                 .map_err(|e| corrupt(e.to_string()))?;
             ctx.update(&chunk.data);
