@@ -182,7 +182,8 @@ pub struct TrainingConfig {
     /// Overrides the round plan's batch size (e.g. for a small GPU); `None` follows the plan.
     pub batch_size: Option<usize>,
     pub crop_size: u32,
-    /// Warmup steps when training from version 1, the untrained initial model.
+    /// Learning-rate warmup steps at the start of every round (AdamW's moments start afresh
+    /// each round), at most a third of the round's steps.
     pub warmup_steps: u64,
     pub seed: u64,
     pub mixed_precision: bool,

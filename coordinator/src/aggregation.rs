@@ -1,5 +1,5 @@
 //! Turning a round's accepted deltas into the next model: norm clipping, the configured
-//! strategy (FedAvg, median or trimmed mean) and its call, and the version's metrics. Pure and
+//! strategy (FedAvg, FedAvg with a server learning rate, median or trimmed mean) and its call, and the version's metrics. Pure and
 //! synchronous: no I/O of its own; the round driver opens the stored blobs as
 //! [`DeltaSource`]s (which the strategy reads tile by tile) and calls this on a blocking
 //! thread.
@@ -27,6 +27,7 @@ pub fn strategy_for(choice: &AggregationStrategy) -> Box<dyn Strategy + Send + S
         AggregationStrategy::FedAvg => Box::new(FedAvg),
         AggregationStrategy::Median => Box::new(CoordinateMedian),
         AggregationStrategy::TrimmedMean(tm) => Box::new(tm.clone()),
+        AggregationStrategy::ServerStep(s) => Box::new(s.clone()),
     }
 }
 

@@ -180,9 +180,12 @@ async fn admin_rpcs(ch: Channel) -> Vec<Outcome> {
         ),
         (
             "list_models",
-            c.list_models(pb::ListModelsRequest { limit: 0 })
-                .await
-                .map(drop),
+            c.list_models(pb::ListModelsRequest {
+                limit: 0,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         ),
         (
             "promote",

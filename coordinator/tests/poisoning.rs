@@ -2,12 +2,14 @@
 //! boosted delta (its honest delta ×100); with `[aggregation] strategy = "median"` (and
 //! `"trimmed_mean"`) the published model equals the coordinate-wise median (trimmed mean)
 //! recomputed here from the decoded payloads, the boost does not get through while it would
-//! have moved FedAvg far, and the version's record names the strategy.
+//! have moved FedAvg far, and the version's record names the strategy. The same round with
+//! `server_learning_rate = 2` (not a defence: FedAvg with a longer step) publishes
+//! `base + 2 × (FedAvg − base)`, rounded once from f64.
 
 mod support;
 
 use fedinspect_common::delta::{self, Codec, Layout};
-use fedinspect_common::fedavg::TrimmedMean;
+use fedinspect_common::fedavg::{ServerStep, TrimmedMean};
 use fedinspect_common::ModelState;
 use fedinspect_coordinator::config::{AggregationStrategy, Limits, RoundPolicy};
 use fedinspect_proto::v1 as pb;
@@ -148,4 +150,39 @@ async fn a_boosted_delta_is_trimmed_by_the_trimmed_mean() {
         .map(|(_, d)| max_abs_diff(d, &d.zeros_like()))
         .fold(0.0, f32::max);
     assert!(max_abs_diff(&published, &base) <= honest_max * 1.0001);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_learning_rate_doubles_the_fedavg_step() {
+    let step = ServerStep::new(2.0).unwrap();
+    let (base, deltas, published, recorded) =
+        round_with(AggregationStrategy::ServerStep(step)).await;
+    assert_eq!(recorded, "fedavg(server_lr=2)");
+    let mean = fedavg(&base, &deltas);
+    let mut want = base.clone();
+    let mut scaled = 0;
+    for (name, t) in want.iter_mut() {
+        let m = mean.get(name).unwrap().data();
+        let statistic = name.ends_with("running_mean")
+            || name.ends_with("running_var")
+            || name.ends_with("num_batches_tracked");
+        for (v, &m) in t.data_mut().iter_mut().zip(m) {
+            *v = if statistic {
+                m
+            } else {
+                scaled += 1;
+                let b = f64::from(*v);
+                (b + 2.0 * (f64::from(m) - b)) as f32
+            };
+        }
+    }
+    assert!(scaled > 0);
+    assert_eq!(published, want, "bit for bit twice the FedAvg step");
+    // The boosted plant is in this round too: the step is twice FedAvg's, boost included.
+    let fedavg_moved = max_abs_diff(&mean, &base);
+    let moved = max_abs_diff(&published, &base);
+    assert!(
+        (moved / fedavg_moved - 2.0).abs() < 1e-3,
+        "{moved} vs {fedavg_moved}"
+    );
 }

@@ -1,6 +1,6 @@
 //! The two baselines of a run, trained with the very code a plant runs in a round
 //! (`client::agent::local`: its data loading, its round training recipe from the round plan,
-//! warmup only from the initial model) and the same compute budget as the federation: round r
+//! the warmup in every round) and the same compute budget as the federation: round r
 //! of a baseline is one round's local epochs over its data, starting from its round r - 1
 //! model. Centralised training uses the union of the plants' training data; local-only
 //! training is each plant alone on its own data, never averaged. A folder is DeepPCB layout or
@@ -111,8 +111,7 @@ impl BaselineTrainer {
     /// Trains one more round's worth and returns the model after it.
     pub fn round(&mut self) -> Result<&ModelState> {
         let round = self.rounds_done + 1;
-        // Round r of the federation trains on version r; version 1 is the initial model.
-        let cfg = train_config(&self.training, &self.plan, round, round, &self.model);
+        let cfg = train_config(&self.training, &self.plan, round, &self.model);
         let mut det = Detector::from_state(
             self.arch.clone(),
             self.data.class_names.clone(),

@@ -26,6 +26,8 @@ const PARTICIPATION_KEYS: [(&str, &str); 2] =
     [("round", "sample_fraction"), ("rounds", "sample_fraction")];
 /// Candidate places of the aggregation strategy's name.
 const STRATEGY_KEYS: [(&str, &str); 2] = [("aggregation", "strategy"), ("round", "strategy")];
+/// Where FedAvg's server learning rate goes.
+const SERVER_LR_KEYS: [(&str, &str); 1] = [("aggregation", "server_learning_rate")];
 
 /// The extra `coordinator.toml` entries `settings` needs, or every knob the coordinator
 /// cannot take, each named with what is missing.
@@ -48,6 +50,15 @@ pub fn coordinator_entries(settings: &Settings) -> Result<Vec<ConfigEntry>, Vec<
             Err(why) => problems.push(format!(
                 "federation.strategy = \"{}\": {why}; this coordinator has no strategy setting ([aggregation] strategy), so only \"fedavg\" can run",
                 f.strategy
+            )),
+        }
+    }
+    if f.server_learning_rate != 1.0 {
+        match find(&SERVER_LR_KEYS, Value::Float(f.server_learning_rate)) {
+            Ok(e) => entries.push(e),
+            Err(why) => problems.push(format!(
+                "federation.server_learning_rate = {}: {why}; this coordinator has no server learning rate ([aggregation] server_learning_rate), so only 1 can run",
+                f.server_learning_rate
             )),
         }
     }

@@ -135,11 +135,26 @@ pub struct FederationSettings {
     pub participation: f64,
     /// Aggregation strategy; `fedavg` is what every coordinator runs.
     pub strategy: String,
+    /// FedAvg's step multiplied by this at the coordinator (`[aggregation]
+    /// server_learning_rate`); 1 is plain FedAvg.
+    pub server_learning_rate: f64,
     pub deadline_secs: u64,
     pub warmup_steps: u64,
     /// Plants as agents inside `simulate` (one runtime, still over mutual TLS gRPC) rather
     /// than one `client run` process each; default above [`IN_PROCESS_ABOVE`] plants.
     pub plants_in_process: bool,
+}
+
+impl FederationSettings {
+    /// The strategy as the coordinator names it in a version's record:
+    /// `fedavg(server_lr=2)` when a server learning rate is set.
+    pub fn strategy_label(&self) -> String {
+        if self.server_learning_rate == 1.0 {
+            self.strategy.clone()
+        } else {
+            format!("{}(server_lr={})", self.strategy, self.server_learning_rate)
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -248,6 +263,7 @@ struct RawFederation {
     fedprox_mu: Option<f64>,
     participation: Option<f64>,
     strategy: Option<String>,
+    server_learning_rate: Option<f64>,
     deadline_secs: Option<u64>,
     warmup_steps: Option<u64>,
     plants_in_process: Option<bool>,
@@ -486,6 +502,7 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
             fedprox_mu: f.fedprox_mu.unwrap_or(0.0),
             participation: f.participation.unwrap_or(1.0),
             strategy: f.strategy.unwrap_or_else(|| "fedavg".into()),
+            server_learning_rate: f.server_learning_rate.unwrap_or(1.0),
             deadline_secs: f.deadline_secs.unwrap_or(600),
             warmup_steps: f.warmup_steps.unwrap_or(20),
             plants_in_process: f.plants_in_process.unwrap_or(plants > IN_PROCESS_ABOVE),

@@ -76,10 +76,11 @@ pub fn run_one(
     tch::set_num_threads(i32::try_from(s.compute.threads).unwrap_or(1));
     let sets = EvalSets::load(&data, &arch, device, s.data.eval_limit, interrupt.clone())?;
     clock.say(format!(
-        "scoring the published versions on the global test set ({} images{}) and each plant's own",
+        "scoring the published versions on the global test set ({} images{}) and each plant's own ({} of these sets scored from the global set's detections: their images are in it)",
         sets.global_len(),
         sets.unseen_len()
-            .map_or(String::new(), |n| format!(", unseen groups {n}"))
+            .map_or(String::new(), |n| format!(", unseen groups {n}")),
+        sets.sets_in_global()
     ));
     let models = dir.join("site/models");
     let initial_scores = sets.score(&initial_version)?;
@@ -264,6 +265,10 @@ fn federate(
     let mut by_round = Vec::new();
     for round in 1..=u64::from(s.federation.rounds) {
         let detail = fed.wait_for_round(round, round_wait, &mut round_watcher(round, clock))?;
+        // In-process plants trained in this process: hand the free pages of their
+        // activations back (training keeps them within a run, `keep_freed_memory`), so that
+        // what is measured and kept between rounds is what is live.
+        fedinspect_coordinator::malloc::release_free_memory();
         let memory = RoundMemory {
             round,
             simulate: current_rss(me),

@@ -197,6 +197,13 @@ impl Federation {
             .map_err(|e| admin_err(e, "round"))
     }
 
+    /// Version `version` as the coordinator lists it.
+    pub fn model(&mut self, version: u64) -> Result<ModelView> {
+        self.runtime
+            .block_on(self.admin.model(version))
+            .map_err(|e| admin_err(e, "models"))
+    }
+
     /// Every version, oldest first.
     pub fn models(&mut self) -> Result<Vec<ModelView>> {
         let mut models = self

@@ -71,6 +71,9 @@ enum Command {
 }
 
 fn main() {
+    // Before any thread starts: in-process plants train on threads that would otherwise each
+    // take a glibc arena of their own and keep its peak (see `experiment_run`).
+    fedinspect_coordinator::malloc::limit_arenas();
     if let Err(e) = run(Cli::parse()) {
         // The cause chain, without a backtrace: these errors say what to do.
         eprintln!("error: {e:#}");

@@ -283,7 +283,7 @@ fn run_markdown(m: &RunMetrics) -> String {
         m.settings.federation.codec,
         m.settings.federation.fedprox_mu,
         m.settings.federation.participation,
-        m.settings.federation.strategy,
+        m.settings.federation.strategy_label(),
         m.global_test_images,
         m.unseen_test_images
             .map_or(String::new(), |n| format!(", unseen groups {n} images")),
@@ -447,7 +447,7 @@ fn summary_csv(runs: &[RunMetrics]) -> String {
             st.federation.fedprox_mu,
             st.data.alpha,
             st.federation.participation,
-            st.federation.strategy,
+            st.federation.strategy_label(),
             st.seed,
             f(m.final_federated(), |m| m.map_33),
             f(m.final_federated(), |m| m.map_50),

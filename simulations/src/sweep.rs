@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::experiment::Settings;
 
 /// The knobs a sweep may vary, in expansion order.
-pub const KNOBS: [&str; 11] = [
+pub const KNOBS: [&str; 12] = [
     "plants",
     "alpha",
     "size_skew",
@@ -18,6 +18,7 @@ pub const KNOBS: [&str; 11] = [
     "codec",
     "fedprox_mu",
     "strategy",
+    "server_learning_rate",
     "seed",
 ];
 
@@ -34,6 +35,7 @@ pub struct RawSweep {
     codec: Option<Vec<String>>,
     fedprox_mu: Option<Vec<f64>>,
     strategy: Option<Vec<String>>,
+    server_learning_rate: Option<Vec<f64>>,
     seed: Option<Vec<u64>>,
 }
 
@@ -74,7 +76,7 @@ impl Sweep {
             |v: Option<Vec<u32>>| v.map(|v| v.into_iter().map(|x| Value::Int(x.into())).collect());
         let floats = |v: Option<Vec<f64>>| v.map(|v| v.into_iter().map(Value::Float).collect());
         let texts = |v: Option<Vec<String>>| v.map(|v| v.into_iter().map(Value::Text).collect());
-        let lists: [(&'static str, Option<Vec<Value>>); 11] = [
+        let lists: [(&'static str, Option<Vec<Value>>); 12] = [
             ("plants", ints(raw.plants)),
             ("alpha", floats(raw.alpha)),
             ("size_skew", floats(raw.size_skew)),
@@ -85,6 +87,7 @@ impl Sweep {
             ("codec", texts(raw.codec)),
             ("fedprox_mu", floats(raw.fedprox_mu)),
             ("strategy", texts(raw.strategy)),
+            ("server_learning_rate", floats(raw.server_learning_rate)),
             (
                 "seed",
                 raw.seed.map(|v| v.into_iter().map(Value::Int).collect()),
@@ -192,6 +195,7 @@ fn apply(s: &mut Settings, key: &str, v: &Value) {
         "codec" => s.federation.codec = text(),
         "fedprox_mu" => s.federation.fedprox_mu = float(),
         "strategy" => s.federation.strategy = text(),
+        "server_learning_rate" => s.federation.server_learning_rate = float(),
         "seed" => s.seed = int(),
         other => unreachable!("{other} is not in KNOBS"),
     }

@@ -24,9 +24,7 @@ pub fn export_version(
     let path = dir.join(format!("v{version:04}.safetensors"));
     fed.export_model(version, &path)?;
     let info: ModelView = fed
-        .models()?
-        .into_iter()
-        .find(|m| m.version == version)
+        .model(version)
         .with_context(|| format!("version {version} is not listed by the coordinator"))?;
     let (model, _) = ModelState::load_safetensors(&path)?;
     let hash = model.content_hash();

@@ -325,21 +325,18 @@ pub fn run(job: Job) -> Result<Outcome, LocalError> {
 }
 
 /// The training config of a round: the plan's epochs and learning rate, FedProx towards the
-/// base when the plan asks for it, warmup only from the untrained initial model.
+/// base when the plan asks for it, and the warmup in every round: each round starts AdamW's
+/// moments afresh, and with zero moments its first steps move every weight by about the
+/// learning rate whatever its gradient (the warmup is capped at a third of the round).
 pub fn train_config(
     cfg: &TrainingConfig,
     plan: &crate::agent::types::TrainPlan,
     round: u64,
-    base_version: u64,
     base: &ModelState,
 ) -> TrainConfig {
     TrainConfig {
         lr: plan.learning_rate,
-        warmup_steps: if base_version == 1 {
-            cfg.warmup_steps
-        } else {
-            0
-        },
+        warmup_steps: cfg.warmup_steps,
         stop: Stop::Epochs(plan.local_epochs),
         seed: cfg.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         mixed_precision: cfg.mixed_precision,

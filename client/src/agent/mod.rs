@@ -427,7 +427,7 @@ impl Agent {
             arch: self.arch.clone(),
             class_names: self.data.class_names.clone(),
             device: self.device,
-            train: local::train_config(cfg, &task.plan, task.round, task.base_version, &base),
+            train: local::train_config(cfg, &task.plan, task.round, &base),
             residual: self.state.residual(&layout),
             base,
             loader: self.data.train_loader(batch)?,

@@ -43,6 +43,8 @@ pub struct CellResult {
     /// Peak of coordinator + plants RSS, sampled every 100 ms.
     pub all_peak_rss: u64,
     pub coordinator_cpu_s_per_round: f64,
+    /// Minor page faults of the coordinator per round (pages mapped and zeroed on first touch).
+    pub coordinator_faults_per_round: f64,
     /// utime + stime of this process (the plants) per round.
     pub plants_cpu_s_per_round: f64,
     pub machine_cpu_s_per_round: f64,
@@ -54,9 +56,10 @@ pub struct CellResult {
     pub data_dir: PathBuf,
 }
 
-/// Runs one cell in a fresh folder under `work`.
+/// Runs one cell in a fresh folder under `work`, with the coordinator binary `binary`.
 pub async fn run(
     work: &Path,
+    binary: &Path,
     clients: u32,
     size: ModelSize,
     rounds: u32,
@@ -76,7 +79,7 @@ pub async fn run(
     workload::initial_global(size).save_safetensors(&initial, &BTreeMap::new())?;
     let port = free_port()?;
     let config = write_config(&dir, &data, &layout, &initial, port, clients, rounds)?;
-    let mut coordinator = spawn_coordinator(&dir, &config)?;
+    let mut coordinator = spawn_coordinator_binary(binary, &dir, &config)?;
     let pid = coordinator.id();
     let url = format!("https://127.0.0.1:{port}");
     let measured = async {
@@ -112,6 +115,7 @@ pub async fn run(
         plants_peak_rss: m.plants_hwm,
         all_peak_rss: m.all_peak,
         coordinator_cpu_s_per_round: m.coordinator_cpu_s / f64::from(rounds),
+        coordinator_faults_per_round: m.coordinator_faults as f64 / f64::from(rounds),
         plants_cpu_s_per_round: m.plants_cpu_s / f64::from(rounds),
         machine_cpu_s_per_round: m.machine_cpu_s / f64::from(rounds),
         preview_exact,
@@ -166,6 +170,7 @@ struct Measured {
     plants_hwm: u64,
     all_peak: u64,
     coordinator_cpu_s: f64,
+    coordinator_faults: u64,
     plants_cpu_s: f64,
     machine_cpu_s: f64,
 }
@@ -185,6 +190,7 @@ async fn drive(
     procfs::reset_own_peak()?;
     let sampler = RssSampler::start(vec![pid, std::process::id()]);
     let me = std::process::id();
+    let faults0 = procfs::process_minor_faults(pid)?;
     let (lo0, cpu0, own0, busy0) = (
         procfs::loopback_bytes()?,
         procfs::process_cpu_s(pid)?,
@@ -220,6 +226,7 @@ async fn drive(
     let m = Measured {
         lo_bytes: procfs::loopback_bytes()? - lo0,
         coordinator_cpu_s: procfs::process_cpu_s(pid)? - cpu0,
+        coordinator_faults: procfs::process_minor_faults(pid)? - faults0,
         plants_cpu_s: procfs::process_cpu_s(me)? - own0,
         machine_cpu_s: procfs::machine_busy_s()? - busy0,
         coordinator_hwm: procfs::status_bytes(pid, "VmHWM:")?,
@@ -361,8 +368,13 @@ max_samples_per_plant = 1000000
 }
 
 pub(crate) fn spawn_coordinator(dir: &Path, config: &Path) -> Result<Child> {
+    spawn_coordinator_binary(Path::new(env!("CARGO_BIN_EXE_coordinator")), dir, config)
+}
+
+/// [`spawn_coordinator`] with another build of the coordinator (`--coordinator label=PATH`).
+pub(crate) fn spawn_coordinator_binary(binary: &Path, dir: &Path, config: &Path) -> Result<Child> {
     let log = std::fs::File::create(dir.join("coordinator.log"))?;
-    Command::new(env!("CARGO_BIN_EXE_coordinator"))
+    Command::new(binary)
         .arg("serve")
         .arg("--config")
         .arg(config)

@@ -48,6 +48,8 @@ struct Args {
     keep: bool,
     load: Option<(u32, ModelSize)>,
     memory: Option<memory::MemoryArgs>,
+    /// Builds of the coordinator to run each cell with, alternately (`--coordinator`).
+    coordinators: Vec<(String, std::path::PathBuf)>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -59,6 +61,7 @@ fn parse_args() -> Result<Args> {
         keep: false,
         load: None,
         memory: None,
+        coordinators: Vec::new(),
     };
     let mut every = 25;
     let mut keep_blobs = 2;
@@ -99,6 +102,12 @@ fn parse_args() -> Result<Args> {
             ),
         }
     }
+    a.coordinators = coordinators.clone().unwrap_or_else(|| {
+        vec![(
+            "this-build".into(),
+            env!("CARGO_BIN_EXE_coordinator").into(),
+        )]
+    });
     if let Some(m) = &mut a.memory {
         if every == 0 || keep_blobs == 0 {
             bail!("--every and --keep-blobs must be at least 1");
@@ -201,24 +210,29 @@ async fn run() -> Result<bool> {
         let expected = checksums
             .get(&key)
             .ok_or_else(|| anyhow!("no canonical checksums for cell {key}"))?;
-        eprintln!("== {key}: running (load {})", procfs::loadavg());
-        let r = cell::run(work.path(), clients, size, args.rounds, expected).await?;
-        let bound = measure_bound(&bound_pki, r.fleet_bytes).await?;
-        print_cell(&r, bound);
-        if !r.data_dir.starts_with(work.path()) {
-            println!(
-                "   (this cell's data folder was on tmpfs: {})",
-                r.data_dir.display()
-            );
+        for (label, binary) in &args.coordinators {
+            eprintln!("== {key} ({label}): running (load {})", procfs::loadavg());
+            let r = cell::run(work.path(), binary, clients, size, args.rounds, expected).await?;
+            let bound = measure_bound(&bound_pki, r.fleet_bytes).await?;
+            if args.coordinators.len() > 1 {
+                println!("[{label}: {}]", binary.display());
+            }
+            print_cell(&r, bound);
+            if !r.data_dir.starts_with(work.path()) {
+                println!(
+                    "   (this cell's data folder was on tmpfs: {})",
+                    r.data_dir.display()
+                );
+            }
+            for f in &r.checksum_failures {
+                println!("   CHECKSUM MISMATCH {key} {f}");
+                all_ok = false;
+            }
+            if !args.keep {
+                let _ = std::fs::remove_dir_all(work.path().join(&key));
+            }
+            results.push((r, bound));
         }
-        for f in &r.checksum_failures {
-            println!("   CHECKSUM MISMATCH {key} {f}");
-            all_ok = false;
-        }
-        if !args.keep {
-            let _ = std::fs::remove_dir_all(work.path().join(&key));
-        }
-        results.push((r, bound));
     }
     println!("load at end {}", procfs::loadavg());
     if let Some(cell) = &args.flower {
@@ -266,7 +280,7 @@ fn print_cell(r: &CellResult, bound: Duration) {
     let (lo, hi) = min_max(&r.walls_s);
     let b = bound.as_secs_f64();
     println!(
-        "K={:<2} P={:<3} round {:.3} s ({:.3}-{:.3}) [{}] | agg {:.0} ms | fleet {:.0} MB, loopback {:.0} MB | TLS bound {:.3} s ({:.2} GB/s), round/bound {:.2} | RSS coordinator {:.0} MiB, plants {:.0} MiB, all {:.0} MiB | CPU s/round coordinator {:.2}, plants {:.2}, machine {:.2} | running mean exact {}/{} | checksums {}/{}",
+        "K={:<2} P={:<3} round {:.3} s ({:.3}-{:.3}) [{}] | agg {:.0} ms | fleet {:.0} MB, loopback {:.0} MB | TLS bound {:.3} s ({:.2} GB/s), round/bound {:.2} | RSS coordinator {:.0} MiB, plants {:.0} MiB, all {:.0} MiB | CPU s/round coordinator {:.2}, plants {:.2}, machine {:.2} | coordinator minor faults/round {:.0} | running mean exact {}/{} | checksums {}/{}",
         r.clients,
         r.size.label(),
         wall,
@@ -285,6 +299,7 @@ fn print_cell(r: &CellResult, bound: Duration) {
         r.coordinator_cpu_s_per_round,
         r.plants_cpu_s_per_round,
         r.machine_cpu_s_per_round,
+        r.coordinator_faults_per_round,
         r.preview_exact,
         r.walls_s.len(),
         r.checksums_ok,

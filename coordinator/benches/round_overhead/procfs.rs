@@ -66,6 +66,20 @@ pub fn process_cpu_s(pid: u32) -> Result<f64> {
     Ok((utime + stime) / TICKS_PER_SEC)
 }
 
+/// Minor page faults of process `pid` so far (`minflt`): pages the kernel had to map, and
+/// zero, on first touch.
+pub fn process_minor_faults(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &text[text
+        .rfind(')')
+        .ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?
+        + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f.get(7)
+        .ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?
+        .parse()?)
+}
+
 /// Busy CPU seconds of the whole machine (all cores, idle and iowait excluded).
 pub fn machine_busy_s() -> Result<f64> {
     let text = std::fs::read_to_string("/proc/stat")?;

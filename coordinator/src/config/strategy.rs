@@ -5,10 +5,11 @@
 //! [aggregation]
 //! strategy = "fedavg"      # "fedavg" (default), "median" or "trimmed_mean"
 //! trim_fraction = 0.2      # trimmed_mean only: share of plants dropped at each end, 0 <= f < 0.5
+//! server_learning_rate = 1 # fedavg only: the mean step is multiplied by it, 0 < lr <= 10
 //! ```
 
 use fedinspect_common::config_problems::Problems;
-use fedinspect_common::fedavg::TrimmedMean;
+use fedinspect_common::fedavg::{ServerStep, TrimmedMean};
 use serde::Deserialize;
 
 /// `[aggregation]` as written.
@@ -17,6 +18,7 @@ use serde::Deserialize;
 pub struct RawAggregation {
     pub strategy: Option<String>,
     pub trim_fraction: Option<f64>,
+    pub server_learning_rate: Option<f64>,
 }
 
 /// The aggregation a round uses; see `docs/reliability.md` for how to choose.
@@ -29,6 +31,8 @@ pub enum AggregationStrategy {
     /// Coordinate-wise mean after dropping `floor(trim_fraction × K)` values at each end
     /// (the fraction validated when the strategy was made).
     TrimmedMean(TrimmedMean),
+    /// FedAvg whose step is multiplied by a server learning rate other than 1.
+    ServerStep(ServerStep),
 }
 
 /// `trim_fraction` when none is written: one plant of five dropped at each end.
@@ -43,6 +47,27 @@ pub fn aggregation_strategy(
     p: &mut Problems,
 ) -> AggregationStrategy {
     let fraction = raw.trim_fraction.unwrap_or(DEFAULT_TRIM_FRACTION);
+    if let Some(lr) = raw.server_learning_rate {
+        return match raw.strategy.as_deref() {
+            None | Some("fedavg") if raw.trim_fraction.is_none() => match ServerStep::new(lr) {
+                Ok(_) if lr == 1.0 => AggregationStrategy::FedAvg,
+                Ok(step) => AggregationStrategy::ServerStep(step),
+                Err(e) => {
+                    p.push(format!("aggregation.server_learning_rate: {e}"));
+                    AggregationStrategy::FedAvg
+                }
+            },
+            other => {
+                p.push(format!(
+                    "aggregation.server_learning_rate: only used with strategy = \"fedavg\", but \
+                     the strategy is {}{}; remove server_learning_rate or set strategy = \"fedavg\"",
+                    other.unwrap_or("fedavg"),
+                    if raw.trim_fraction.is_some() { " with a trim_fraction" } else { "" }
+                ));
+                AggregationStrategy::FedAvg
+            }
+        };
+    }
     match raw.strategy.as_deref() {
         None | Some("fedavg") | Some("median") if raw.trim_fraction.is_some() => {
             p.push(format!(
@@ -87,6 +112,9 @@ impl std::fmt::Display for AggregationStrategy {
             AggregationStrategy::Median => f.write_str("median"),
             AggregationStrategy::TrimmedMean(tm) => {
                 write!(f, "trimmed_mean({})", tm.trim_fraction())
+            }
+            AggregationStrategy::ServerStep(s) => {
+                write!(f, "fedavg(server_lr={})", s.server_lr())
             }
         }
     }
@@ -134,6 +162,35 @@ mod tests {
             AggregationStrategy::TrimmedMean(TrimmedMean::new(0.1).unwrap()).to_string(),
             "trimmed_mean(0.1)"
         );
+    }
+
+    #[test]
+    fn a_server_learning_rate_goes_with_fedavg_only() {
+        assert_eq!(
+            resolve("server_learning_rate = 2.0", 3),
+            Ok(AggregationStrategy::ServerStep(
+                ServerStep::new(2.0).unwrap()
+            ))
+        );
+        assert_eq!(
+            resolve("strategy = \"fedavg\"\nserver_learning_rate = 1.0", 3),
+            Ok(AggregationStrategy::FedAvg)
+        );
+        assert_eq!(
+            AggregationStrategy::ServerStep(ServerStep::new(1.5).unwrap()).to_string(),
+            "fedavg(server_lr=1.5)"
+        );
+        let e = resolve("server_learning_rate = 0.0", 3).unwrap_err();
+        assert!(
+            e[0].contains("aggregation.server_learning_rate: server learning rate 0"),
+            "{e:?}"
+        );
+        let e = resolve("strategy = \"median\"\nserver_learning_rate = 2.0", 3).unwrap_err();
+        assert!(
+            e[0].contains("only used with strategy = \"fedavg\""),
+            "{e:?}"
+        );
+        assert!(e[0].contains("the strategy is median"), "{e:?}");
     }
 
     #[test]

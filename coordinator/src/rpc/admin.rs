@@ -107,15 +107,37 @@ impl Admin for AdminService {
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         self.admin(&request, "list_models")?;
-        let pb::ListModelsRequest { limit: n } = request.into_inner();
+        let pb::ListModelsRequest {
+            limit: n,
+            version,
+            below_version,
+        } = request.into_inner();
+        let store_err = |e: crate::storage::StorageError| status::to_status(&e.into());
+        if version != 0 {
+            let m = self.hub.store.model(version).map_err(store_err)?.ok_or_else(|| {
+                Status::not_found(format!(
+                    "model version {version} does not exist; `coordinator admin models` lists the versions"
+                ))
+            })?;
+            return Ok(Response::new(pb::ListModelsResponse {
+                models: vec![to_proto::model_info(&m)],
+                next_below_version: 0,
+            }));
+        }
+        let below = if below_version == 0 {
+            u64::MAX
+        } else {
+            below_version
+        };
         let models = self
             .hub
             .store
-            .models(limit(n))
-            .map_err(|e| status::to_status(&e.into()))?;
-        Ok(Response::new(pb::ListModelsResponse {
-            models: models.iter().map(to_proto::model_info).collect(),
-        }))
+            .models_below(below, limit(n))
+            .map_err(store_err)?;
+        Ok(Response::new(to_proto::models_page(
+            &models,
+            to_proto::MODELS_PAGE_BYTES,
+        )))
     }
 
     async fn promote(

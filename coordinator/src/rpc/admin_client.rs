@@ -180,13 +180,50 @@ impl AdminSession {
         Ok(r.into_inner().rounds.iter().map(round).collect())
     }
 
-    /// Up to `limit` versions (0: the coordinator's default), newest first.
+    /// Up to `limit` versions (0: the coordinator's default, 50), newest first, asked for page
+    /// by page when they do not fit in one message.
     pub async fn models(&mut self, limit: u32) -> Result<Vec<ModelView>, AdminClientError> {
-        let r = self
+        let want = if limit == 0 { 50 } else { limit };
+        let mut out: Vec<ModelView> = Vec::new();
+        let mut below_version = 0;
+        loop {
+            let left = want - u32::try_from(out.len()).unwrap_or(want);
+            let page = self
+                .client
+                .list_models(pb::ListModelsRequest {
+                    limit: left,
+                    version: 0,
+                    below_version,
+                })
+                .await?
+                .into_inner();
+            out.extend(page.models.iter().map(model));
+            if page.next_below_version == 0 || page.models.is_empty() || out.len() >= want as usize
+            {
+                return Ok(out);
+            }
+            below_version = page.next_below_version;
+        }
+    }
+
+    /// Version `version` alone.
+    pub async fn model(&mut self, version: u64) -> Result<ModelView, AdminClientError> {
+        let page = self
             .client
-            .list_models(pb::ListModelsRequest { limit })
-            .await?;
-        Ok(r.into_inner().models.iter().map(model).collect())
+            .list_models(pb::ListModelsRequest {
+                limit: 1,
+                version,
+                below_version: 0,
+            })
+            .await?
+            .into_inner();
+        page.models
+            .first()
+            .map(model)
+            .ok_or_else(|| AdminClientError::Refused {
+                code: tonic::Code::NotFound,
+                message: format!("the coordinator listed no version {version}"),
+            })
     }
 
     /// Round `round` with its accepted updates.

@@ -75,6 +75,32 @@ pub fn model_info(m: &ModelRecord) -> pb::ModelInfo {
     }
 }
 
+/// Most bytes of versions one `ListModels` answer carries: under the 4 MiB a gRPC client
+/// accepts by default, with room for framing. Each version lists its contributors (their
+/// hashes and signatures), about 120 bytes a plant: at 256 plants a round, 141 versions
+/// made 4.2 MB and `simulate` failed on the listing.
+pub const MODELS_PAGE_BYTES: usize = 3 << 20;
+
+/// The versions of `models` (newest first) that fit in `budget` bytes, at least one, and
+/// where the next page starts when they did not all fit.
+pub fn models_page(models: &[ModelRecord], budget: usize) -> pb::ListModelsResponse {
+    use prost::Message;
+    let mut page = pb::ListModelsResponse::default();
+    let mut size = 0;
+    for m in models {
+        let info = model_info(m);
+        // The field tag and length prefix of a repeated message: at most 11 bytes.
+        let len = info.encoded_len() + 11;
+        if !page.models.is_empty() && size + len > budget {
+            page.next_below_version = page.models.last().map_or(0, |m| m.version);
+            break;
+        }
+        size += len;
+        page.models.push(info);
+    }
+    page
+}
+
 pub fn round_info(r: &RoundRecord, now_unix_ms: i64) -> pb::RoundInfo {
     let end = r.closed_unix_ms.unwrap_or(now_unix_ms);
     pb::RoundInfo {
@@ -134,5 +160,79 @@ pub fn check_report(r: &crate::storage::check::CheckReport) -> pb::CheckResponse
         update_blobs_removed: r.update_blobs_removed,
         rounds_checked: r.rounds_checked,
         problems: r.problems.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fedinspect_common::ModelHash;
+    use prost::Message;
+
+    use super::*;
+    use crate::records::{Contribution, Digest, ModelHashText, ModelStatus};
+
+    /// Version `version` with `plants` contributors, newest-first lists as the store gives.
+    fn version(version: u64, plants: usize) -> ModelRecord {
+        ModelRecord {
+            version,
+            parent: version - 1,
+            round: version - 1,
+            content_hash: ModelHashText(ModelHash([7; 32])),
+            blob_sha256: Digest([7; 32]),
+            size_bytes: 10,
+            signature: vec![1; 64],
+            strategy: "fedavg".into(),
+            contributors: (0..plants)
+                .map(|i| Contribution {
+                    plant_id: format!("plant-{i:03}"),
+                    num_samples: 2,
+                    delta_sha256: Digest([3; 32]),
+                    plant_signature: vec![9; 64],
+                })
+                .collect(),
+            metrics: BTreeMap::new(),
+            created_unix_ms: 5,
+            status: ModelStatus::Candidate,
+        }
+    }
+
+    #[test]
+    fn a_listing_is_cut_into_pages_that_fit_a_grpc_message() {
+        // The listing that failed had 141 versions of 256 contributors (and their metrics).
+        let models: Vec<ModelRecord> = (2..=160).rev().map(|v| version(v, 256)).collect();
+        let all: usize = models.iter().map(|m| model_info(m).encoded_len()).sum();
+        assert!(all > 4 << 20, "{all} bytes in one message would be refused");
+        let mut pages = Vec::new();
+        let mut rest = &models[..];
+        loop {
+            let page = models_page(rest, MODELS_PAGE_BYTES);
+            let bytes = page.encoded_len();
+            assert!(bytes <= MODELS_PAGE_BYTES, "a page of {bytes} bytes");
+            pages.push(page.models.len());
+            if page.next_below_version == 0 {
+                break;
+            }
+            let next = page.next_below_version;
+            assert_eq!(page.models.last().unwrap().version, next);
+            rest = &rest[rest.iter().position(|m| m.version < next).unwrap()..];
+        }
+        println!("pages of {pages:?} versions for {all} bytes");
+        assert!(pages.len() >= 2);
+        assert_eq!(pages.iter().sum::<usize>(), models.len());
+    }
+
+    #[test]
+    fn a_page_holds_at_least_one_version_and_says_nothing_more_when_all_fit() {
+        let models: Vec<ModelRecord> = (2..=4).rev().map(|v| version(v, 3)).collect();
+        let page = models_page(&models, MODELS_PAGE_BYTES);
+        assert_eq!(page.models.len(), 3);
+        assert_eq!(page.next_below_version, 0);
+        let tiny = models_page(&models, 1);
+        assert_eq!(tiny.models.len(), 1);
+        assert_eq!(tiny.models[0].version, 4);
+        assert_eq!(tiny.next_below_version, 4);
+        assert_eq!(models_page(&[], 1).models.len(), 0);
     }
 }

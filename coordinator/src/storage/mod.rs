@@ -239,6 +239,19 @@ impl Store {
         self.all(&self.models, "models", true, limit)
     }
 
+    /// Up to `limit` versions below `below`, newest first: the next page of a listing.
+    pub fn models_below(&self, below: u64, limit: usize) -> Result<Vec<ModelRecord>, StorageError> {
+        self.models
+            .range(..below.to_be_bytes())
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                decode("models", &k, &v)
+            })
+            .collect()
+    }
+
     pub fn latest_model(&self) -> Result<Option<ModelRecord>, StorageError> {
         Ok(self.models(1)?.pop())
     }

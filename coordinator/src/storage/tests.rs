@@ -167,6 +167,14 @@ fn latest_usable_model_skips_rolled_back_versions() {
     assert_eq!(store.promotion_history().unwrap(), vec![1, 3]);
     let newest: Vec<u64> = store.models(2).unwrap().iter().map(|m| m.version).collect();
     assert_eq!(newest, vec![3, 2]);
+    let page = |below, limit| -> Vec<u64> {
+        let models = store.models_below(below, limit).unwrap();
+        models.iter().map(|m| m.version).collect()
+    };
+    assert_eq!(page(3, 10), vec![2, 1]);
+    assert_eq!(page(u64::MAX, 2), vec![3, 2]);
+    assert_eq!(page(2, 1), vec![1]);
+    assert_eq!(page(1, 10), Vec::<u64>::new());
 }
 
 #[test]

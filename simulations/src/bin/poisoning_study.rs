@@ -286,7 +286,7 @@ fn run(
         let mut deltas = Vec::with_capacity(plants.len());
         let mut counts = Vec::with_capacity(plants.len());
         for (i, p) in plants.iter().enumerate() {
-            let cfg = train_config(&p.training, plan, round, round, &global);
+            let cfg = train_config(&p.training, plan, round, &global);
             let mut det = Detector::from_state(
                 arch.clone(),
                 p.data.class_names.clone(),

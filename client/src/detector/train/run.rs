@@ -115,6 +115,21 @@ impl<'c> Run<'c> {
         }
     }
 
+    /// The warmup of this run: the configured steps, but never more than a third of a run
+    /// whose length is known in steps. A warmup as long as the run multiplies a cosine that
+    /// has already decayed: a plant whose round is 18 steps under a 100-step warmup never
+    /// got past a fifth of its learning rate (the first round of a federation was wasted for
+    /// every plant of the DeepPCB study). Runs of 300 steps or more keep the configured
+    /// warmup; a wall-clock run keeps it too.
+    fn warmup_steps(&self) -> u64 {
+        let total = match self.cfg.stop {
+            Stop::Epochs(n) => u64::from(n) * self.per_epoch,
+            Stop::Steps(n) => self.steps_before + n,
+            Stop::WallClock(_) => return self.cfg.warmup_steps,
+        };
+        capped_warmup(self.cfg.warmup_steps, total)
+    }
+
     /// What the cosine decays towards, in totals over every run.
     fn plan(&self) -> Plan {
         match self.cfg.stop {
@@ -144,7 +159,7 @@ impl<'c> Run<'c> {
         // The warmup counts optimizer updates, so it runs again whenever the moments restart.
         let lr = learning_rate(
             self.cfg.lr,
-            self.cfg.warmup_steps,
+            self.warmup_steps(),
             self.opt.steps_taken(),
             self.schedule_progress(),
         );
@@ -341,5 +356,34 @@ fn prox_pairs(det: &Detector, prox: Option<&FedProx>) -> Result<Vec<(Tensor, Ten
         Ok(pairs)
     } else {
         Err(TrainError::FedProxReference(problems.join("; ")))
+    }
+}
+
+/// `warmup` steps, at most a third of a `total`-step run (rounded up, at least 1 when a
+/// warmup was asked for).
+pub(super) fn capped_warmup(warmup: u64, total: u64) -> u64 {
+    if warmup == 0 {
+        return 0;
+    }
+    warmup.min(total.div_ceil(3).max(1))
+}
+
+#[cfg(test)]
+mod warmup_tests {
+    use super::capped_warmup;
+
+    #[test]
+    fn a_warmup_never_spans_more_than_a_third_of_the_run() {
+        // The DeepPCB study: plants of 18 to 108 steps a round under a 100-step warmup.
+        assert_eq!(capped_warmup(100, 18), 6);
+        assert_eq!(capped_warmup(100, 108), 36);
+        // The centralised baseline's 375-step rounds keep the whole warmup.
+        assert_eq!(capped_warmup(100, 375), 100);
+        assert_eq!(capped_warmup(100, 300), 100);
+        assert_eq!(capped_warmup(100, 299), 100);
+        assert_eq!(capped_warmup(100, 297), 99);
+        assert_eq!(capped_warmup(0, 18), 0);
+        assert_eq!(capped_warmup(5, 1), 1);
+        assert_eq!(capped_warmup(5, 0), 1);
     }
 }
