@@ -325,14 +325,16 @@ fn a_checkpoint_without_training_state_loads_and_resumes_with_fresh_moments() {
         resume: Some(resume),
         ..TrainConfig::default()
     };
-    let mut data = FixedBatches(vec![rectangles(2, 2, 64, 2, 3, 1)]);
+    // Ten batches an epoch: a 30-step plan keeps the whole 10-step warmup (a warmup never
+    // spans more than a third of the run).
+    let mut data = FixedBatches(vec![rectangles(2, 2, 64, 2, 3, 1); 10]);
     let mut seen = Vec::new();
     train(&mut loaded, &mut data, &cfg, &mut |p| {
         seen.push((p.epoch, p.lr));
         ControlFlow::Continue(())
     })
     .unwrap();
-    assert_eq!(seen.len(), 1);
+    assert_eq!(seen.len(), 10);
     let (epoch, lr) = seen[0];
     assert_eq!(epoch, 2);
     // Two of three epochs done: the cosine is at 2/3, the warmup at its first step (1/10).
