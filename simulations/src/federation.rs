@@ -204,16 +204,6 @@ impl Federation {
             .map_err(|e| admin_err(e, "models"))
     }
 
-    /// Every version, oldest first.
-    pub fn models(&mut self) -> Result<Vec<ModelView>> {
-        let mut models = self
-            .runtime
-            .block_on(self.admin.models(u32::MAX))
-            .map_err(|e| admin_err(e, "models"))?;
-        models.reverse();
-        Ok(models)
-    }
-
     /// Exports `version` into `out` through the Admin service (SHA-256 checked).
     pub fn export_model(&mut self, version: u64, out: &Path) -> Result<ExportedModel> {
         self.runtime

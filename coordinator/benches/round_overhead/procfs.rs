@@ -52,32 +52,36 @@ pub fn loopback_bytes() -> Result<u64> {
     Ok(fields.first().copied().unwrap_or(0) + fields.get(8).copied().unwrap_or(0))
 }
 
-/// utime + stime of process `pid`, in seconds.
-pub fn process_cpu_s(pid: u32) -> Result<f64> {
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces), parsed
+/// at `indices` (0: the state; 7: minflt; 11, 12: utime, stime).
+fn stat_fields<const N: usize>(pid: u32, indices: [usize; N]) -> Result<[u64; N]> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &text[text
         .rfind(')')
         .ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?
         + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f[11].parse()?;
-    let stime: f64 = f[12].parse()?;
-    Ok((utime + stime) / TICKS_PER_SEC)
+    let mut out = [0; N];
+    for (o, i) in out.iter_mut().zip(indices) {
+        *o = f
+            .get(i)
+            .ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?
+            .parse()?;
+    }
+    Ok(out)
+}
+
+/// utime + stime of process `pid`, in seconds.
+pub fn process_cpu_s(pid: u32) -> Result<f64> {
+    let [utime, stime] = stat_fields(pid, [11, 12])?;
+    Ok((utime + stime) as f64 / TICKS_PER_SEC)
 }
 
 /// Minor page faults of process `pid` so far (`minflt`): pages the kernel had to map, and
 /// zero, on first touch.
 pub fn process_minor_faults(pid: u32) -> Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = &text[text
-        .rfind(')')
-        .ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?
-        + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f.get(7)
-        .ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?
-        .parse()?)
+    let [minflt] = stat_fields(pid, [7])?;
+    Ok(minflt)
 }
 
 /// Busy CPU seconds of the whole machine (all cores, idle and iowait excluded).
