@@ -2,9 +2,10 @@
 //! f32 parameters × R rounds against the real `coordinator` binary over mutual TLS on
 //! loopback, as fast as the plants can go (no training). Every N published rounds it prints
 //! the coordinator's resident memory (`VmRSS`, and `RssAnon`: heap and stacks) and the size of
-//! its sled database on disk; at the end, the growth per round and per accepted update over
-//! the second half of the run (a least-squares slope: the first rounds fill caches), and the
-//! rounds per hour.
+//! its sled database on disk and its thread count; at the end, the growth per round and per
+//! accepted update over the second half of the run (a least-squares slope: the first rounds
+//! fill caches), the rounds per hour, and the median RSS of each quarter of the run (one sample
+//! can catch a round's transient buffers; the medians show whether the level still rises).
 //!
 //! `--coordinator label=PATH,...` runs the same workload once per coordinator binary, one after
 //! the other in one invocation (e.g. a build of the code before a fix and this one); by default
@@ -50,6 +51,8 @@ struct Sample {
     rss: u64,
     anon: u64,
     db_bytes: u64,
+    /// The coordinator's threads (tokio workers, blocking pool, sled's pool).
+    threads: u64,
 }
 
 /// What one coordinator's run gave.
@@ -181,6 +184,7 @@ async fn run_one(dir: &Path, label: &str, binary: &Path, args: &MemoryArgs) -> R
                     rss: procfs::status_bytes(pid, "VmRSS:")?,
                     anon: procfs::status_bytes(pid, "RssAnon:")?,
                     db_bytes: dir_bytes(&data.join("db")),
+                    threads: procfs::status_number(pid, "Threads:")?,
                 };
                 print_sample(label, &sample, started.elapsed());
                 samples.push(sample);
@@ -218,10 +222,11 @@ async fn run_one(dir: &Path, label: &str, binary: &Path, args: &MemoryArgs) -> R
 
 fn print_sample(label: &str, s: &Sample, elapsed: Duration) {
     println!(
-        "  {label} round {:>5}: coordinator RSS {:7.1} MiB (anon {:7.1} MiB) | sled db on disk {:6.1} MiB | {:6.0} s",
+        "  {label} round {:>5}: coordinator RSS {:7.1} MiB (anon {:7.1} MiB) | {:3} threads | sled db on disk {:6.1} MiB | {:6.0} s",
         s.round,
         s.rss as f64 / MIB,
         s.anon as f64 / MIB,
+        s.threads,
         s.db_bytes as f64 / MIB,
         elapsed.as_secs_f64()
     );
@@ -260,6 +265,38 @@ fn print_summary(s: &RunSummary, args: &MemoryArgs) {
         last.map_or(f64::NAN, |x| x.db_bytes as f64 / MIB),
         f64::from(args.rounds) / s.wall.as_secs_f64() * 3600.0,
         s.plants_hwm as f64 / MIB,
+    );
+    // One sample is noisy (it catches a round's transient buffers); the median of each
+    // quarter of the run shows whether the level still rises.
+    let quarters: Vec<String> = (0..4)
+        .filter_map(|q| {
+            let (lo, hi) = (args.rounds * q / 4, args.rounds * (q + 1) / 4);
+            let mut rss: Vec<f64> = s
+                .samples
+                .iter()
+                .filter(|x| x.round > lo && x.round <= hi)
+                .map(|x| x.rss as f64 / MIB)
+                .collect();
+            rss.sort_by(f64::total_cmp);
+            let max_threads = s
+                .samples
+                .iter()
+                .filter(|x| x.round > lo && x.round <= hi)
+                .map(|x| x.threads)
+                .max()?;
+            Some(format!(
+                "rounds {}-{}: {:.1} MiB ({} samples, at most {max_threads} threads)",
+                lo + 1,
+                hi,
+                rss[rss.len() / 2],
+                rss.len()
+            ))
+        })
+        .collect();
+    println!(
+        "MEMORY {} median RSS by quarter: {}",
+        s.label,
+        quarters.join(" | ")
     );
 }
 

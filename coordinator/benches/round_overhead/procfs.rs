@@ -14,18 +14,22 @@ const TICKS_PER_SEC: f64 = 100.0;
 
 /// A `kB` field of `/proc/<pid>/status`, in bytes.
 pub fn status_bytes(pid: u32, field: &str) -> Result<u64> {
+    Ok(status_number(pid, field)? * 1024)
+}
+
+/// A number field of `/proc/<pid>/status` as written (`Threads:`; kB fields in kB).
+pub fn status_number(pid: u32, field: &str) -> Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("cannot read /proc/{pid}/status"))?;
     let line = text
         .lines()
         .find(|l| l.starts_with(field))
         .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))?;
-    let kb: u64 = line
+    Ok(line
         .split_whitespace()
         .nth(1)
         .ok_or_else(|| anyhow!("bad {field} line: {line}"))?
-        .parse()?;
-    Ok(kb * 1024)
+        .parse()?)
 }
 
 /// Resets the peak RSS (`VmHWM`) of this process, so that a cell reports its own peak.

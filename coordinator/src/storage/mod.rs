@@ -179,7 +179,12 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StorageError> {
         self.writable()?;
         let db = self.db.clone();
-        match tokio::task::spawn_blocking(move || db.flush()).await {
+        let flush = move || {
+            let flushed = db.flush();
+            release_deferred();
+            flushed
+        };
+        match tokio::task::spawn_blocking(flush).await {
             Ok(result) => result.map(|_| ()).map_err(|e| self.err(e)),
             Err(e) => Err(self.err(sled::Error::Io(std::io::Error::other(format!(
                 "the flush task failed: {e}"
@@ -190,7 +195,9 @@ impl Store {
     /// [`Store::flush`] for blocking code.
     pub fn flush_blocking(&self) -> Result<(), StorageError> {
         self.writable()?;
-        self.db.flush().map_err(|e| self.err(e))?;
+        let flushed = self.db.flush();
+        release_deferred();
+        flushed.map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -548,6 +555,21 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Hands what sled deferred on this thread to crossbeam-epoch's global queue, where any thread
+/// can free it.
+///
+/// sled 0.34 frees replaced pages, superseded node versions and its sealed log buffers (one
+/// segment, 512 KiB, each) through crossbeam-epoch's deferred functions, which wait in a bag of
+/// the deferring thread until 64 have gathered. A flush runs on one of tokio's blocking threads,
+/// and with many plants uploading at once there are a hundred of them, each of which deferred a
+/// few items and then idled or did other work: what they held stayed resident. At 256 plants
+/// this was tens of MiB and followed the rounds (docs/benchmarks.md, "Coordinator memory over
+/// rounds"). Called after every flush, on the flushing thread; it costs a pin and, when the bag
+/// is not empty, handing it on.
+pub(crate) fn release_deferred() {
+    crossbeam_epoch::pin().flush();
 }
 
 fn update_key(round: u64, plant_id: &str) -> Vec<u8> {

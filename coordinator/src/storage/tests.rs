@@ -322,3 +322,46 @@ fn check_reports_records_that_point_at_nothing() {
     assert!(has("round 3 is missing"), "{p:#?}");
     assert_eq!((report.models_checked, report.updates_checked), (1, 1));
 }
+
+/// What a thread deferred through crossbeam-epoch (as sled does for replaced pages and sealed
+/// log buffers) is freed by other threads once `release_deferred` handed it on, although the
+/// deferring thread stays alive and never pins again (an idle blocking-pool thread). Without
+/// the release it would wait in that thread's bag until the thread exits.
+#[test]
+fn garbage_deferred_by_an_idle_thread_is_freed_after_release() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Flag(Arc<AtomicBool>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicBool::new(false));
+    let (deferred_tx, deferred_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let flag = Flag(dropped.clone());
+    let idle = std::thread::spawn(move || {
+        let guard = crossbeam_epoch::pin();
+        guard.defer(move || drop(flag));
+        drop(guard);
+        release_deferred();
+        deferred_tx.send(()).unwrap();
+        // Alive, idle, never pinning again until the test ends.
+        let _ = done_rx.recv();
+    });
+    deferred_rx.recv().unwrap();
+    let started = std::time::Instant::now();
+    while !dropped.load(Ordering::SeqCst) && started.elapsed() < std::time::Duration::from_secs(10)
+    {
+        // Other threads' pins advance the epoch and collect the global queue.
+        crossbeam_epoch::pin().flush();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let freed = dropped.load(Ordering::SeqCst);
+    done_tx.send(()).unwrap();
+    idle.join().unwrap();
+    assert!(
+        freed,
+        "the deferred object was not freed while its thread idled"
+    );
+}
