@@ -14,8 +14,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use fedinspect_client::cli::eval_onnx::eval_loader;
 use fedinspect_client::data::deeppcb::{self, DeepPcbOptions, Split};
-use fedinspect_client::data::{Augment, Channels, Loader, LoaderOptions, Preprocess};
+use fedinspect_client::data::{Channels, Preprocess};
 use fedinspect_client::detector::Detector;
 use fedinspect_common::arch::ArchConfig;
 use fedinspect_common::ModelState;
@@ -66,18 +67,15 @@ fn main() -> Result<()> {
 
     let data = deeppcb::load(&root, Split::TrainVal, &DeepPcbOptions { template: true })?.dataset;
     let classes = data.class_names.clone();
-    let loader = Loader::new(
+    // Letterboxed and unaugmented like the test images; `train_epoch` only shuffles them.
+    let loader = eval_loader(
         data,
         Preprocess {
             input_size,
             channels,
             clahe: None,
         },
-        Augment::none(input_size),
-        LoaderOptions {
-            batch_size: BATCH,
-            ..LoaderOptions::default()
-        },
+        BATCH,
     )?;
     let det = Detector::from_state(arch.clone(), classes, &model, Device::Cpu)?;
     let mut seen = 0;
