@@ -1,5 +1,6 @@
 //! Training loop tests, CI-sized: overfitting a fixed tiny batch, cancellation, checkpoints
-//! written during training and resumed, and FedProx's pull towards the reference.
+//! written during training and resumed, FedProx's pull towards the reference, and rounds of a
+//! learning-rate cycle (a stretch of one cosine each, AdamW's moments carried between them).
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,9 +10,10 @@ use std::time::Duration;
 use fedinspect_client::detector::synthetic::rectangles;
 use fedinspect_client::detector::{
     train, CheckpointPolicy, DecodeParams, Detector, FedProx, FinalWrite, FixedBatches, Resume,
-    Stop, StopReason, TrainConfig,
+    Stop, StopReason, TrainConfig, TrainReport,
 };
 use fedinspect_common::arch::ArchConfig;
+use fedinspect_common::lr_cycle::LrSpan;
 use tch::Device;
 
 fn tiny_arch() -> ArchConfig {
@@ -474,4 +476,114 @@ fn every_epoch(path: std::path::PathBuf, final_write: FinalWrite) -> CheckpointP
         recipe: None,
         final_write,
     }
+}
+
+/// Trains `det` with `cfg` on [`two_batches`]; the learning rate of every step and the report.
+fn run_with_report(det: &mut Detector, cfg: &TrainConfig) -> (Vec<f64>, TrainReport) {
+    let mut lrs = Vec::new();
+    let report = train(det, &mut two_batches(), cfg, &mut |p| {
+        lrs.push(p.lr);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    (lrs, report)
+}
+
+#[test]
+fn two_rounds_of_a_learning_rate_cycle_train_like_one_run() {
+    // No warmup: a round cannot know the length of the cycle's first round's warmup from
+    // its own length, so only then are the two bit-identical.
+    let base = TrainConfig {
+        lr: 1e-2,
+        warmup_steps: 0,
+        weight_decay: 1e-2,
+        ..TrainConfig::default()
+    };
+    let mut whole = tiny_detector(31);
+    let start = whole.state().unwrap();
+    let (whole_lrs, _) = run_with_report(
+        &mut whole,
+        &TrainConfig {
+            stop: Stop::Steps(8),
+            ..base.clone()
+        },
+    );
+
+    let mut rounds = tiny_detector(31);
+    rounds.load_state(&start).unwrap();
+    let first = TrainConfig {
+        stop: Stop::Steps(4),
+        lr_span: Some(LrSpan::new(0.0, 0.5).unwrap()),
+        ..base.clone()
+    };
+    let (mut lrs, report) = run_with_report(&mut rounds, &first);
+    let moments = report.moments.expect("the run hands its moments on");
+    assert_eq!(moments.step, 4);
+    let second = TrainConfig {
+        lr_span: Some(LrSpan::new(0.5, 1.0).unwrap()),
+        moments: Some(moments.clone()),
+        ..first.clone()
+    };
+    let after_first = rounds.state().unwrap();
+    let (second_lrs, report) = run_with_report(&mut rounds, &second);
+    lrs.extend(second_lrs);
+    assert_eq!(
+        report.moments.unwrap().step,
+        8,
+        "the moments' steps go on counting"
+    );
+
+    assert_eq!(lrs, whole_lrs, "the two rounds follow the one run's cosine");
+    let (a, b) = (whole.state().unwrap(), rounds.state().unwrap());
+    assert_eq!(
+        a.content_hash(),
+        b.content_hash(),
+        "two rounds of a cycle end {} away from the one run",
+        max_abs_diff(&a, &b)
+    );
+
+    // Sharp enough to see moments that were not carried: the second round from the same
+    // weights with fresh moments ends elsewhere.
+    let mut fresh = tiny_detector(31);
+    fresh.load_state(&after_first).unwrap();
+    run_with_report(
+        &mut fresh,
+        &TrainConfig {
+            moments: None,
+            ..second
+        },
+    );
+    assert!(max_abs_diff(&a, &fresh.state().unwrap()) > 1e-4);
+}
+
+#[test]
+fn a_round_continuing_its_moments_does_not_warm_up_again() {
+    let cfg = TrainConfig {
+        lr: 1e-2,
+        warmup_steps: 4,
+        stop: Stop::Steps(4),
+        lr_span: Some(LrSpan::new(0.5, 1.0).unwrap()),
+        ..TrainConfig::default()
+    };
+    let mut det = tiny_detector(32);
+    let (_, report) = run_with_report(
+        &mut det,
+        &TrainConfig {
+            lr_span: None,
+            ..cfg.clone()
+        },
+    );
+    let (continued, _) = run_with_report(
+        &mut det,
+        &TrainConfig {
+            moments: report.moments,
+            ..cfg.clone()
+        },
+    );
+    // Halfway through the cosine: half the peak, at once.
+    assert!((continued[0] - 0.5e-2).abs() < 1e-12, "{continued:?}");
+    // Fresh moments warm up over a third of the round (2 of 4 steps): half of that.
+    let (fresh, _) = run_with_report(&mut det, &cfg);
+    assert!((fresh[0] - 0.25e-2).abs() < 1e-12, "{fresh:?}");
+    assert!(continued.iter().zip(&fresh).all(|(c, f)| c >= f));
 }

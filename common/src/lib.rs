@@ -16,6 +16,7 @@ pub mod fsutil;
 /// Entry functions of the fuzz targets (`common/fuzz`) and their replay test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod lr_cycle;
 pub mod manifests;
 pub mod model;
 pub mod onnx;

@@ -70,6 +70,7 @@ pub struct RawRound {
     pub sample_seed: Option<u64>,
     pub keep_update_blobs_rounds: Option<u64>,
     pub stream_idle_timeout_secs: Option<u64>,
+    pub lr_cycle_rounds: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -123,6 +124,9 @@ pub struct RoundPolicy {
     pub fedprox_mu: f64,
     pub batch_size: u32,
     pub codec: Codec,
+    /// Rounds that share one learning-rate cosine (`fedinspect_common::lr_cycle`); 0: every
+    /// round decays a cosine of its own.
+    pub lr_cycle_rounds: u64,
     /// Stop opening rounds after this many; 0 runs forever.
     pub max_rounds: u64,
     /// How the round's accepted updates become the next model (`[aggregation]`).
@@ -200,6 +204,7 @@ impl Default for RoundPolicy {
             fedprox_mu: 0.0,
             batch_size: 8,
             codec: Codec::F16,
+            lr_cycle_rounds: 0,
             max_rounds: 0,
             aggregation: AggregationStrategy::FedAvg,
             sample_fraction: 1.0,
@@ -420,6 +425,7 @@ fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
         fedprox_mu,
         batch_size,
         codec,
+        lr_cycle_rounds: raw.lr_cycle_rounds.unwrap_or(d.lr_cycle_rounds),
         max_rounds: raw.max_rounds.unwrap_or(d.max_rounds),
         // Set from the [aggregation] section by `Config::from_raw`.
         aggregation: d.aggregation,

@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fedinspect_common::delta::Codec;
+use fedinspect_common::lr_cycle::LrSpan;
 use fedinspect_common::ModelHash;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -68,6 +69,10 @@ pub struct TrainPlan {
     pub batch_size: u32,
     #[serde(with = "codec_text")]
     pub codec: Codec,
+    /// The stretch of the learning-rate cosine the round covers (`round.lr_cycle_rounds`);
+    /// `None`: a cosine of its own (and every record written before the setting existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_span: Option<LrSpan>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use fedinspect_common::delta::Layout;
 use fedinspect_common::fedavg::{DeltaSource, Strategy, StreamingFedAvg};
+use fedinspect_common::lr_cycle::LrSpan;
 use fedinspect_common::{ModelState, Tensor};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -170,6 +171,7 @@ impl RoundDriver {
                 fedprox_mu: p.fedprox_mu,
                 batch_size: p.batch_size,
                 codec: p.codec,
+                lr_span: LrSpan::for_round(round, p.lr_cycle_rounds),
             },
             opened_unix_ms: now,
             deadline_unix_ms: now.saturating_add(deadline_ms),

@@ -2,7 +2,9 @@
 //! only the plants drawn from the seed and the round number, refuses the others' updates, and
 //! a restarted coordinator resumes with the same plants; blob retention
 //! (`round.keep_update_blobs_rounds`) removes the update blobs of older rounds and keeps the
-//! newest ones, and `check` accounts for the removed ones.
+//! newest ones, and `check` accounts for the removed ones; a learning-rate cycle
+//! (`round.lr_cycle_rounds`) gives each round its stretch of the cosine, restarting after the
+//! cycle, and the stretch stays in the round record.
 
 mod support;
 
@@ -179,5 +181,72 @@ async fn retention_removes_older_update_blobs_and_keeps_the_newest_rounds() {
         let m = hub.store.model(v).unwrap().unwrap();
         assert!(hub.blobs.path_of(&m.blob_sha256).is_file(), "version {v}");
     }
+    running.stop(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_of_a_learning_rate_cycle_carry_their_stretch_of_the_cosine() {
+    let site = Site::new(2);
+    let round_policy = RoundPolicy {
+        lr_cycle_rounds: 2,
+        ..policy(2, 2, 30, Codec::F32)
+    };
+    let config = site.config("data", round_policy, Limits::default());
+    let running = start(&config).await;
+    let url = url(&running);
+    let mut plants = Vec::new();
+    for id in ["plant-1", "plant-2"] {
+        let mut p = Plant::connect(&site, &url, id).await;
+        p.join(30).await;
+        plants.push(p);
+    }
+    let expected = [(1, 0.0, 0.5), (2, 0.5, 1.0), (3, 0.0, 0.5)];
+    for (round, start, end) in expected {
+        for (n, p) in plants.iter_mut().enumerate() {
+            let task = p.next_train().await;
+            assert_eq!(task.round, round);
+            let plan = task.plan.unwrap();
+            assert_eq!(
+                (plan.lr_span_start, plan.lr_span_end),
+                (start, end),
+                "round {round}: its half of the cosine (round 3 starts the next cycle)"
+            );
+            let payload = encode(&synthetic_delta(round * 10 + n as u64, 0.01), Codec::F32);
+            // A fresh update id each round (a reused one is a duplicate).
+            let h = header(
+                &task,
+                &payload,
+                pb::Codec::F32,
+                30,
+                (round * 10) as u8 + n as u8,
+            );
+            let ack = p.upload(h, &payload, payload.len()).await.unwrap();
+            assert!(!ack.duplicate);
+        }
+        wait_for_version(&site, &url, round + 1).await;
+        let record = running.hub().store.round(round).unwrap().unwrap();
+        let span = record
+            .plan
+            .lr_span
+            .expect("a cycle's round records its span");
+        assert_eq!((span.start, span.end), (start, end));
+    }
+    running.stop(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_cycle_every_round_is_a_cosine_of_its_own() {
+    let site = Site::new(1);
+    let config = site.config("data", policy(1, 1, 30, Codec::F32), Limits::default());
+    let running = start(&config).await;
+    let url = url(&running);
+    let mut p = Plant::connect(&site, &url, "plant-1").await;
+    p.join(30).await;
+    let plan = p.next_train().await.plan.unwrap();
+    assert_eq!((plan.lr_span_start, plan.lr_span_end), (0.0, 0.0));
+    assert_eq!(
+        running.hub().store.round(1).unwrap().unwrap().plan.lr_span,
+        None
+    );
     running.stop(Duration::from_secs(10)).await.unwrap();
 }

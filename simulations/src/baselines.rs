@@ -1,6 +1,7 @@
 //! The two baselines of a run, trained with the very code a plant runs in a round
 //! (`client::agent::local`: its data loading, its round training recipe from the round plan,
-//! the warmup in every round) and the same compute budget as the federation: round r
+//! the warmup whenever its AdamW moments start afresh, the learning-rate cycle and the moments
+//! carried through it when `lr_cycle_rounds` is set) and the same compute budget as the federation: round r
 //! of a baseline is one round's local epochs over its data, starting from its round r - 1
 //! model. Centralised training uses the union of the plants' training data; local-only
 //! training is each plant alone on its own data, never averaged. A folder is DeepPCB layout or
@@ -16,9 +17,10 @@ use fedinspect_client::config::{
     DataConfig, DataSource, DeviceChoice, ModelConfig, TrainingConfig,
 };
 use fedinspect_client::data::{Channels, OnInvalid};
-use fedinspect_client::detector::train::train;
+use fedinspect_client::detector::train::{train, AdamWState};
 use fedinspect_client::detector::Detector;
 use fedinspect_common::arch::ArchConfig;
+use fedinspect_common::lr_cycle::LrSpan;
 use fedinspect_common::ModelState;
 use tch::Device;
 
@@ -35,6 +37,10 @@ pub struct BaselineTrainer {
     training: TrainingConfig,
     model: ModelState,
     rounds_done: u64,
+    /// Rounds sharing one learning-rate cosine, as the coordinator tells the plants.
+    lr_cycle_rounds: u64,
+    /// AdamW's moments after the last round, continued within a cycle as a plant does.
+    moments: Option<AdamWState>,
     interrupt: Interrupt,
 }
 
@@ -96,10 +102,13 @@ impl BaselineTrainer {
                 fedprox_mu: 0.0,
                 codec: s.codec(),
                 batch_size: f.batch_size,
+                lr_span: None,
             },
             training,
             model: initial,
             rounds_done: 0,
+            lr_cycle_rounds: f.lr_cycle_rounds,
+            moments: None,
             interrupt,
         })
     }
@@ -111,7 +120,17 @@ impl BaselineTrainer {
     /// Trains one more round's worth and returns the model after it.
     pub fn round(&mut self) -> Result<&ModelState> {
         let round = self.rounds_done + 1;
-        let cfg = train_config(&self.training, &self.plan, round, &self.model);
+        let plan = TrainPlan {
+            lr_span: LrSpan::for_round(round, self.lr_cycle_rounds),
+            ..self.plan.clone()
+        };
+        let cfg = train_config(
+            &self.training,
+            &plan,
+            round,
+            &self.model,
+            self.moments.take(),
+        );
         let mut det = Detector::from_state(
             self.arch.clone(),
             self.data.class_names.clone(),
@@ -120,7 +139,7 @@ impl BaselineTrainer {
         )?;
         let mut loader = self.data.train_loader(self.plan.batch_size as usize)?;
         let interrupt = &self.interrupt;
-        train(&mut det, &mut loader, &cfg, &mut |_| {
+        let report = train(&mut det, &mut loader, &cfg, &mut |_| {
             if interrupt.is_set() {
                 ControlFlow::Break(())
             } else {
@@ -128,6 +147,7 @@ impl BaselineTrainer {
             }
         })?;
         self.interrupt.check()?;
+        self.moments = report.moments;
         self.model = det.state()?;
         self.rounds_done = round;
         Ok(&self.model)

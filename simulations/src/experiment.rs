@@ -140,6 +140,9 @@ pub struct FederationSettings {
     pub server_learning_rate: f64,
     pub deadline_secs: u64,
     pub warmup_steps: u64,
+    /// Rounds sharing one learning-rate cosine, the plants (and the baselines) carrying their
+    /// AdamW moments from round to round (`[round] lr_cycle_rounds`); 0: a cosine per round.
+    pub lr_cycle_rounds: u64,
     /// Plants as agents inside `simulate` (one runtime, still over mutual TLS gRPC) rather
     /// than one `client run` process each; default above [`IN_PROCESS_ABOVE`] plants.
     pub plants_in_process: bool,
@@ -266,6 +269,7 @@ struct RawFederation {
     server_learning_rate: Option<f64>,
     deadline_secs: Option<u64>,
     warmup_steps: Option<u64>,
+    lr_cycle_rounds: Option<u64>,
     plants_in_process: Option<bool>,
 }
 
@@ -505,6 +509,7 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
             server_learning_rate: f.server_learning_rate.unwrap_or(1.0),
             deadline_secs: f.deadline_secs.unwrap_or(600),
             warmup_steps: f.warmup_steps.unwrap_or(20),
+            lr_cycle_rounds: f.lr_cycle_rounds.unwrap_or(0),
             plants_in_process: f.plants_in_process.unwrap_or(plants > IN_PROCESS_ABOVE),
         },
         baselines: BaselineSettings {

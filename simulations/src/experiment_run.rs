@@ -194,6 +194,7 @@ fn site_spec(s: &Settings, dir: &Path, data: &PreparedData) -> Result<SiteSpec> 
             learning_rate: f.learning_rate,
             fedprox_mu: f.fedprox_mu,
             batch_size: f.batch_size,
+            lr_cycle_rounds: f.lr_cycle_rounds,
             codec: s.codec(),
         },
         device: s.compute.device.clone(),

@@ -222,8 +222,8 @@ impl Federation {
         let until = Instant::now() + timeout;
         loop {
             self.interrupt.check()?;
-            self.check_processes()?;
-            if let Some(v) = ready(self)? {
+            let polled = self.check_processes().and_then(|()| ready(self));
+            if let Some(v) = polled.map_err(|e| self.interrupt.attribute(e))? {
                 return Ok(v);
             }
             if Instant::now() >= until {

@@ -66,4 +66,45 @@ impl Interrupt {
             Ok(())
         }
     }
+
+    /// `e` as the consequence of the interruption when the flag is set: a coordinator that got
+    /// the signal too (`pkill -f` matches its command line, which names the output folder)
+    /// stops listening, and the admin call in flight fails with "Unavailable" before the wait
+    /// looks at the flag again. The operator asked to stop; that is what the error says, with
+    /// `e` as its detail.
+    pub fn attribute(&self, e: anyhow::Error) -> anyhow::Error {
+        if self.is_set() {
+            e.context(Interrupted)
+        } else {
+            e
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_met_after_the_interruption_is_reported_as_the_interruption() {
+        let flag = Interrupt::none();
+        let refused =
+            || anyhow::anyhow!("coordinator admin status: the coordinator refused (Unavailable)");
+        let before = flag.attribute(refused());
+        assert!(before.downcast_ref::<Interrupted>().is_none());
+        assert_eq!(before.to_string(), refused().to_string());
+
+        flag.0.store(true, Ordering::SeqCst);
+        let after = flag.attribute(refused());
+        assert!(after.downcast_ref::<Interrupted>().is_some());
+        let shown = format!("{after:#}");
+        assert!(
+            shown.starts_with("interrupted; the coordinator and plants were stopped"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("Unavailable"),
+            "the cause stays as detail: {shown}"
+        );
+    }
 }

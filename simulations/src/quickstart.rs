@@ -238,6 +238,7 @@ fn site_spec(cfg: &QuickstartConfig, out: &Path, data: &DataPlan) -> SiteSpec {
             learning_rate: cfg.learning_rate,
             fedprox_mu: 0.0,
             batch_size: cfg.batch_size,
+            lr_cycle_rounds: 0,
             codec: cfg.codec,
         },
         device: cfg.device.clone(),

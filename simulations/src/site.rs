@@ -60,6 +60,8 @@ pub struct RoundSpec {
     pub learning_rate: f64,
     pub fedprox_mu: f64,
     pub batch_size: u32,
+    /// `lr_cycle_rounds`: rounds sharing one learning-rate cosine (0: a cosine per round).
+    pub lr_cycle_rounds: u64,
     pub codec: Codec,
 }
 
@@ -266,6 +268,9 @@ impl Site {
         ]);
         if let Some(block) = q8_block {
             round.insert("q8_block".into(), int(block));
+        }
+        if r.lr_cycle_rounds > 0 {
+            round.insert("lr_cycle_rounds".into(), int(r.lr_cycle_rounds));
         }
         let mut config = table([
             ("listen", text(&self.listen.to_string())),

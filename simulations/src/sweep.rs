@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::experiment::Settings;
 
 /// The knobs a sweep may vary, in expansion order.
-pub const KNOBS: [&str; 12] = [
+pub const KNOBS: [&str; 13] = [
     "plants",
     "alpha",
     "size_skew",
@@ -19,6 +19,7 @@ pub const KNOBS: [&str; 12] = [
     "fedprox_mu",
     "strategy",
     "server_learning_rate",
+    "lr_cycle_rounds",
     "seed",
 ];
 
@@ -36,6 +37,7 @@ pub struct RawSweep {
     fedprox_mu: Option<Vec<f64>>,
     strategy: Option<Vec<String>>,
     server_learning_rate: Option<Vec<f64>>,
+    lr_cycle_rounds: Option<Vec<u64>>,
     seed: Option<Vec<u64>>,
 }
 
@@ -76,7 +78,8 @@ impl Sweep {
             |v: Option<Vec<u32>>| v.map(|v| v.into_iter().map(|x| Value::Int(x.into())).collect());
         let floats = |v: Option<Vec<f64>>| v.map(|v| v.into_iter().map(Value::Float).collect());
         let texts = |v: Option<Vec<String>>| v.map(|v| v.into_iter().map(Value::Text).collect());
-        let lists: [(&'static str, Option<Vec<Value>>); 12] = [
+        let u64s = |v: Option<Vec<u64>>| v.map(|v| v.into_iter().map(Value::Int).collect());
+        let lists: [(&'static str, Option<Vec<Value>>); 13] = [
             ("plants", ints(raw.plants)),
             ("alpha", floats(raw.alpha)),
             ("size_skew", floats(raw.size_skew)),
@@ -88,10 +91,8 @@ impl Sweep {
             ("fedprox_mu", floats(raw.fedprox_mu)),
             ("strategy", texts(raw.strategy)),
             ("server_learning_rate", floats(raw.server_learning_rate)),
-            (
-                "seed",
-                raw.seed.map(|v| v.into_iter().map(Value::Int).collect()),
-            ),
+            ("lr_cycle_rounds", u64s(raw.lr_cycle_rounds)),
+            ("seed", u64s(raw.seed)),
         ];
         let mut axes = Vec::new();
         for (key, values) in lists {
@@ -196,6 +197,7 @@ fn apply(s: &mut Settings, key: &str, v: &Value) {
         "fedprox_mu" => s.federation.fedprox_mu = float(),
         "strategy" => s.federation.strategy = text(),
         "server_learning_rate" => s.federation.server_learning_rate = float(),
+        "lr_cycle_rounds" => s.federation.lr_cycle_rounds = int(),
         "seed" => s.seed = int(),
         other => unreachable!("{other} is not in KNOBS"),
     }

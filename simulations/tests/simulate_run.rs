@@ -65,6 +65,18 @@ fn the_tiny_experiment_writes_consistent_reports() {
         "{report}"
     );
 
+    // The file's learning-rate cycle reached the coordinator that tasks the plants.
+    assert!(
+        report.contains("lr_cycle_rounds = 2"),
+        "the report's configuration names the cycle: {report}"
+    );
+    let coordinator_toml =
+        fs::read_to_string(run_dir.join("site/coordinator/coordinator.toml")).unwrap();
+    assert!(
+        coordinator_toml.contains("lr_cycle_rounds = 2"),
+        "{coordinator_toml}"
+    );
+
     // The federation: two published rounds, as the coordinator recorded them.
     assert_eq!(m.plants.len(), 3);
     assert_eq!(m.federated.len(), 2);

@@ -22,7 +22,9 @@ use crate::data::loader::LoaderError;
 use crate::data::{
     validate, Augment, Channels, Dataset, Loader, LoaderOptions, Preprocess, ValidateOptions,
 };
-use crate::detector::train::{self, Stop, StopReason, TrainConfig, TrainError, TrainReport};
+use crate::detector::train::{
+    self, AdamWState, Stop, StopReason, TrainConfig, TrainError, TrainReport,
+};
 use crate::detector::{DecodeParams, Detector, DetectorError};
 use crate::eval::{self, EvalError};
 
@@ -325,16 +327,21 @@ pub fn run(job: Job) -> Result<Outcome, LocalError> {
 }
 
 /// The training config of a round: the plan's epochs and learning rate, FedProx towards the
-/// base when the plan asks for it, and the warmup in every round: each round starts AdamW's
-/// moments afresh, and with zero moments its first steps move every weight by about the
-/// learning rate whatever its gradient (the warmup is capped at a third of the round).
+/// base when the plan asks for it, and the warmup whenever AdamW's moments start afresh: with
+/// zero moments its first steps move every weight by about the learning rate whatever its
+/// gradient (the warmup is capped at a third of the round). A round that continues a
+/// learning-rate cycle (`plan.lr_span`) covers its stretch of the cycle's cosine and continues
+/// `moments`, the moments this plant's previous round ended with, when it has them.
 pub fn train_config(
     cfg: &TrainingConfig,
     plan: &crate::agent::types::TrainPlan,
     round: u64,
     base: &ModelState,
+    moments: Option<AdamWState>,
 ) -> TrainConfig {
     TrainConfig {
+        lr_span: plan.lr_span,
+        moments: moments.filter(|_| plan.lr_span.is_some_and(|s| s.continues())),
         lr: plan.learning_rate,
         warmup_steps: cfg.warmup_steps,
         stop: Stop::Epochs(plan.local_epochs),

@@ -82,6 +82,10 @@ pub struct Agent {
     failed_sessions: u32,
     /// Installed inference bundles and the engine builder (install tasks).
     bundles: bundle_task::BundleSide,
+    /// AdamW's moments at the end of the last round this process trained, continued by the
+    /// next round of a learning-rate cycle (`TrainPlan::lr_span`). In memory only: a plant
+    /// restarted mid-cycle starts its moments afresh, with a warmup.
+    moments: Option<crate::detector::train::AdamWState>,
 }
 
 impl Agent {
@@ -127,6 +131,7 @@ impl Agent {
             delivered_round: None,
             failed_sessions: 0,
             bundles,
+            moments: None,
         })
     }
 
@@ -328,6 +333,7 @@ impl Agent {
         let Some(mut trained) = self.train(&task, base, stop_at, shutdown).await? else {
             return Ok(Step::Shutdown);
         };
+        self.moments = trained.report.moments.take();
         trained
             .metrics
             .insert("download_seconds".to_string(), download_seconds);
@@ -427,7 +433,7 @@ impl Agent {
             arch: self.arch.clone(),
             class_names: self.data.class_names.clone(),
             device: self.device,
-            train: local::train_config(cfg, &task.plan, task.round, &base),
+            train: local::train_config(cfg, &task.plan, task.round, &base, self.moments.take()),
             residual: self.state.residual(&layout),
             base,
             loader: self.data.train_loader(batch)?,

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use fedinspect_common::delta::Codec;
+use fedinspect_common::lr_cycle::LrSpan;
 use fedinspect_common::manifests::{UpdateManifest, UPDATE_KIND};
 use fedinspect_common::ModelHash;
 
@@ -30,6 +31,9 @@ pub struct TrainPlan {
     pub codec: Codec,
     /// 0 when the coordinator leaves it to the plant.
     pub batch_size: u32,
+    /// The stretch of a learning-rate cosine shared by several rounds that this round covers;
+    /// `None`: the round is a cosine of its own.
+    pub lr_span: Option<LrSpan>,
 }
 
 /// Install a signed inference bundle (see `agent::bundle_task`).

@@ -23,6 +23,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fedinspect_common::lr_cycle::LrSpan;
 use fedinspect_common::ModelState;
 use tch::TchError;
 
@@ -142,6 +143,12 @@ pub struct TrainConfig {
     pub mixed_precision: bool,
     pub fedprox: Option<FedProx>,
     pub checkpoint: Option<CheckpointPolicy>,
+    /// The stretch of a longer cosine this run covers (a round of a learning-rate cycle,
+    /// `fedinspect_common::lr_cycle`); `None`: the whole cosine.
+    pub lr_span: Option<LrSpan>,
+    /// AdamW moments to continue (the previous round's of the same cycle); the warmup counts
+    /// their steps, so it does not run again. A resumed checkpoint's moments take precedence.
+    pub moments: Option<AdamWState>,
 }
 
 impl Default for TrainConfig {
@@ -158,6 +165,8 @@ impl Default for TrainConfig {
             mixed_precision: true,
             fedprox: None,
             checkpoint: None,
+            lr_span: None,
+            moments: None,
         }
     }
 }
@@ -197,6 +206,9 @@ pub struct TrainReport {
     /// Mean total loss over the last epoch run (or the steps run, if fewer).
     pub last_loss: f64,
     pub reason: StopReason,
+    /// AdamW's moments at the end, for the next round of a learning-rate cycle; `None` when
+    /// they could not be copied off the device (logged).
+    pub moments: Option<AdamWState>,
 }
 
 #[derive(Debug, thiserror::Error)]

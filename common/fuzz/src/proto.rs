@@ -255,6 +255,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>, bool)> {
                 codec: pb::Codec::Q8.into(),
                 q8_block: 256,
                 batch_size: 8,
+                lr_span_start: 0.0,
+                lr_span_end: 0.0,
             }),
             deadline_unix_ms: 1_700_000_000_000,
         })),

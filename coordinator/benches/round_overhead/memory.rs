@@ -157,7 +157,7 @@ async fn run_one(dir: &Path, label: &str, binary: &Path, args: &MemoryArgs) -> R
     std::fs::write(&config, text)?;
     let mut child = spawn(dir, binary, &config, args.wrap.as_deref())?;
     let measured = async {
-        let pid = coordinator_pid(&mut child).await?;
+        let pid = coordinator_pid(&mut child, binary).await?;
         let url = format!("https://127.0.0.1:{port}");
         let mut admin = cell::wait_for_admin(&url, &layout, &mut child).await?;
         procfs::reset_own_peak()?;
@@ -353,12 +353,14 @@ fn spawn(dir: &Path, binary: &Path, config: &Path, wrap: Option<&str>) -> Result
         .with_context(|| format!("cannot start {}", words.join(" ")))
 }
 
-/// The coordinator's pid: the child itself, or the process named `coordinator` below it when
-/// it runs under a wrapper.
-async fn coordinator_pid(child: &mut Child) -> Result<u32> {
+/// The coordinator's pid: the child itself, or the process below it that runs `binary` when it
+/// runs under a wrapper (found by its command name: the file name, cut like the kernel's to 15
+/// bytes, so a binary copied as `coordinator-before` is found too).
+async fn coordinator_pid(child: &mut Child, binary: &Path) -> Result<u32> {
+    let name = command_name(binary);
     let started = Instant::now();
     loop {
-        if let Some(pid) = find_named(child.id(), "coordinator") {
+        if let Some(pid) = find_named(child.id(), &name) {
             return Ok(pid);
         }
         if let Some(status) = child.try_wait()? {
@@ -366,12 +368,26 @@ async fn coordinator_pid(child: &mut Child) -> Result<u32> {
         }
         if started.elapsed() > Duration::from_secs(60) {
             bail!(
-                "no process named coordinator below pid {} after 60 s",
+                "no process named {name} below pid {} after 60 s",
                 child.id()
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The name the kernel gives a process running `binary` (`/proc/PID/comm`): the file name,
+/// at most 15 bytes.
+fn command_name(binary: &Path) -> String {
+    let file = binary
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut end = file.len().min(15);
+    while !file.is_char_boundary(end) {
+        end -= 1;
+    }
+    file[..end].to_string()
 }
 
 /// `root` or a descendant of it whose command name is `name`.

@@ -49,6 +49,8 @@ fn plan(p: &TrainPlan) -> pb::TrainPlan {
         codec: codec.into(),
         q8_block,
         batch_size: p.batch_size,
+        lr_span_start: p.lr_span.map_or(0.0, |s| s.start),
+        lr_span_end: p.lr_span.map_or(0.0, |s| s.end),
     }
 }
 

@@ -129,6 +129,7 @@ fn a_version_never_changes_but_storing_it_again_is_a_no_op() {
             fedprox_mu: 0.0,
             batch_size: 4,
             codec: Codec::F16,
+            lr_span: None,
         },
         opened_unix_ms: 0,
         deadline_unix_ms: 10,

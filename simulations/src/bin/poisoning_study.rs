@@ -153,6 +153,7 @@ fn main() -> Result<()> {
         fedprox_mu: 0.0,
         codec: Codec::F32,
         batch_size: 4,
+        lr_span: None,
     };
     let attacks = [
         Attack::None,
@@ -286,7 +287,7 @@ fn run(
         let mut deltas = Vec::with_capacity(plants.len());
         let mut counts = Vec::with_capacity(plants.len());
         for (i, p) in plants.iter().enumerate() {
-            let cfg = train_config(&p.training, plan, round, &global);
+            let cfg = train_config(&p.training, plan, round, &global, None);
             let mut det = Detector::from_state(
                 arch.clone(),
                 p.data.class_names.clone(),

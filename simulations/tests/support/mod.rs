@@ -129,6 +129,7 @@ pub fn tiny_site(root: &Path, data: &Path, rounds: u64, codec: Codec) -> SiteSpe
             learning_rate: 5e-3,
             fedprox_mu: 0.0,
             batch_size: 2,
+            lr_cycle_rounds: 0,
             codec,
         },
         device: "cpu".into(),

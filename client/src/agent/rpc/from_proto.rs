@@ -2,6 +2,7 @@
 //! (a new field breaks the build here instead of being ignored).
 
 use fedinspect_common::delta::Codec;
+use fedinspect_common::lr_cycle::LrSpan;
 use fedinspect_common::ModelHash;
 use fedinspect_proto::v1 as pb;
 use fedinspect_proto::{CHUNK_BYTES, PROTOCOL_VERSION};
@@ -107,6 +108,8 @@ fn train_plan(p: pb::TrainPlan) -> Result<TrainPlan, RpcError> {
         codec,
         q8_block,
         batch_size,
+        lr_span_start,
+        lr_span_end,
     } = p;
     let codec = match pb::Codec::try_from(codec) {
         Ok(pb::Codec::F32) => Codec::F32,
@@ -130,12 +133,21 @@ fn train_plan(p: pb::TrainPlan) -> Result<TrainPlan, RpcError> {
     if !(fedprox_mu.is_finite() && fedprox_mu >= 0.0) {
         return Err(malformed("train plan", format!("FedProx mu {fedprox_mu}")));
     }
+    let lr_span = if (lr_span_start, lr_span_end) == (0.0, 0.0) {
+        None
+    } else {
+        Some(
+            LrSpan::new(lr_span_start, lr_span_end)
+                .map_err(|e| malformed("train plan", e.to_string()))?,
+        )
+    };
     Ok(TrainPlan {
         local_epochs,
         learning_rate,
         fedprox_mu,
         codec,
         batch_size,
+        lr_span,
     })
 }
 
@@ -240,4 +252,33 @@ pub fn upload_ack(r: pb::UploadUpdateResponse, sent_id: &[u8; 16]) -> Result<Upl
         duplicate,
         delta_sha256,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(lr_span_start: f64, lr_span_end: f64) -> pb::TrainPlan {
+        pb::TrainPlan {
+            local_epochs: 1,
+            learning_rate: 1e-3,
+            fedprox_mu: 0.0,
+            codec: pb::Codec::F32.into(),
+            q8_block: 0,
+            batch_size: 8,
+            lr_span_start,
+            lr_span_end,
+        }
+    }
+
+    #[test]
+    fn a_plan_carries_its_stretch_of_a_learning_rate_cycle_or_none() {
+        assert_eq!(train_plan(plan(0.0, 0.0)).unwrap().lr_span, None);
+        let span = train_plan(plan(0.25, 0.5)).unwrap().lr_span.unwrap();
+        assert_eq!((span.start, span.end), (0.25, 0.5));
+        for (a, b) in [(0.5, 0.25), (0.0, 1.5), (-0.5, 0.5), (f64::NAN, 1.0)] {
+            let err = train_plan(plan(a, b)).unwrap_err().to_string();
+            assert!(err.contains("learning-rate span"), "[{a}, {b}]: {err}");
+        }
+    }
 }

@@ -58,7 +58,8 @@ impl<'c> Run<'c> {
             (Some(r), None) => (u64::from(r.epoch) * per_epoch, 0.0),
             (None, None) => (0, 0.0),
         };
-        let opt = AdamW::new(det, cfg.weight_decay, training.map(|t| &t.optimizer))?;
+        let moments = training.map(|t| &t.optimizer).or(cfg.moments.as_ref());
+        let opt = AdamW::new(det, cfg.weight_decay, moments)?;
         let device = det.device();
         let amp = cfg.mixed_precision && device.is_cuda();
         let scaler = amp.then(|| {
@@ -95,8 +96,15 @@ impl<'c> Run<'c> {
         }
     }
 
-    /// Position in the cosine, 0 to 1, over this run and the ones it resumes.
+    /// Position in the cosine, 0 to 1: this run's progress, placed in its stretch of a longer
+    /// cosine when it has one.
     fn schedule_progress(&self) -> f64 {
+        let progress = self.run_progress();
+        self.cfg.lr_span.map_or(progress, |span| span.at(progress))
+    }
+
+    /// How far through its plan this run is, 0 to 1, over this run and the ones it resumes.
+    fn run_progress(&self) -> f64 {
         let done = (self.steps_before + self.step) as f64;
         match self.cfg.stop {
             Stop::Epochs(n) => {
@@ -312,6 +320,11 @@ impl<'c> Run<'c> {
             images_per_sec: self.images as f64 / seconds.max(1e-9),
             last_loss: self.mean_loss(),
             reason,
+            moments: self
+                .opt
+                .state()
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot copy AdamW's moments off the device; the next round starts afresh"))
+                .ok(),
         }
     }
 }
