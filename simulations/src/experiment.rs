@@ -124,6 +124,11 @@ pub struct ModelSettings {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FederationSettings {
+    /// Whether the federated arm runs. `false` runs only the baselines, with the budget
+    /// `rounds` x `local_epochs` still set here: the coordinator starts, the plants register
+    /// and the initial model is fetched (so the baselines start from the very model a
+    /// federation would), then everything stops before round 1.
+    pub enabled: bool,
     pub rounds: u32,
     pub local_epochs: u32,
     pub learning_rate: f64,
@@ -258,6 +263,7 @@ struct RawModel {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFederation {
+    enabled: Option<bool>,
     rounds: Option<u32>,
     local_epochs: Option<u32>,
     learning_rate: Option<f64>,
@@ -498,6 +504,7 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
             head_width: raw.model.head_width.unwrap_or(arch.head_width),
         },
         federation: FederationSettings {
+            enabled: f.enabled.unwrap_or(true),
             rounds: f.rounds.unwrap_or(4),
             local_epochs: f.local_epochs.unwrap_or(1),
             learning_rate: f.learning_rate.unwrap_or(2e-3),
@@ -598,6 +605,9 @@ pub fn check(s: &Settings) -> Vec<String> {
     }
     if f.deadline_secs == 0 {
         p.push("federation.deadline_secs: must be at least 1".into());
+    }
+    if !f.enabled && !s.baselines.centralised && !s.baselines.local_only {
+        p.push("federation.enabled = false with both baselines off leaves nothing to run; set baselines.centralised or baselines.local_only to true".into());
     }
     if !(f.learning_rate.is_finite() && f.learning_rate > 0.0) {
         p.push(format!(

@@ -21,7 +21,6 @@ use fedinspect_common::arch::ArchConfig;
 use fedinspect_common::fsutil;
 use fedinspect_common::signing::VerifyingKey;
 use fedinspect_common::ModelState;
-use fedinspect_coordinator::rpc::admin_client::RoundDetailView;
 use tch::Device;
 
 use crate::baselines::BaselineTrainer;
@@ -69,7 +68,7 @@ pub fn run_one(
     let arch = spec.arch.clone();
 
     let fed_started = clock.seconds();
-    let (details, initial_version, memory) = federate(spec, &data, bins, interrupt, clock, s)?;
+    let (rows, initial_version, memory) = federate(spec, &data, bins, interrupt, clock, s)?;
     let federation_seconds = clock.seconds() - fed_started;
 
     let device = device(&s.compute.device)?;
@@ -85,8 +84,8 @@ pub fn run_one(
     let models = dir.join("site/models");
     let initial_scores = sets.score(&initial_version)?;
     let mut federated = Vec::new();
-    for detail in &details {
-        federated.push(score_round(&sets, detail, &models, clock)?);
+    for row in rows {
+        federated.push(score_round(&sets, row, &models, clock)?);
     }
 
     let baseline_started = clock.seconds();
@@ -118,6 +117,8 @@ pub fn run_one(
     } else {
         Vec::new()
     };
+    // The rounds that ran: none when `federation.enabled = false`.
+    let rounds_per_hour = federated.len() as f64 * 3600.0 / federation_seconds.max(1e-9);
     let metrics = RunMetrics {
         label: run.label.clone(),
         swept: run
@@ -144,7 +145,7 @@ pub fn run_one(
         centralised,
         local_only,
         federation_seconds,
-        rounds_per_hour: f64::from(s.federation.rounds) * 3600.0 / federation_seconds.max(1e-9),
+        rounds_per_hour,
         memory,
         baseline_seconds: clock.seconds() - baseline_started,
     };
@@ -215,7 +216,7 @@ fn federate(
     interrupt: &Interrupt,
     clock: &Clock,
     s: &Settings,
-) -> Result<(Vec<RoundDetailView>, ModelState, ProcessMemory)> {
+) -> Result<(Vec<RoundRow>, ModelState, ProcessMemory)> {
     let site = Site::create(spec)?;
     let pinned = VerifyingKey::load(&site.pki.coordinator_verifying_key())?;
     let models = site.models();
@@ -264,7 +265,13 @@ fn federate(
     let round_wait = Duration::from_secs(s.federation.deadline_secs + 120);
     let mut details = Vec::new();
     let mut by_round = Vec::new();
-    for round in 1..=u64::from(s.federation.rounds) {
+    let rounds = if s.federation.enabled {
+        u64::from(s.federation.rounds)
+    } else {
+        clock.say("federation.enabled = false: the initial model is fetched, no round runs; the baselines follow");
+        0
+    };
+    for round in 1..=rounds {
         let detail = fed.wait_for_round(round, round_wait, &mut round_watcher(round, clock))?;
         // In-process plants trained in this process: hand the free pages of their
         // activations back (training keeps them within a run, `keep_freed_memory`), so that
@@ -290,7 +297,10 @@ fn federate(
             clock.say(format!("round {round} failed: {}", detail.round.failure));
         }
         by_round.push(memory);
-        details.push(detail);
+        // Only the round's figures are kept: its record lists every update (ids, hashes,
+        // signatures, metrics), some 300 KiB a round at 256 plants, which would make this
+        // process grow with rounds.
+        details.push(RoundRow::new(&detail, None, None));
     }
     if let Some(v) = fed.virtual_plants() {
         for (id, t) in v.tallies() {
@@ -331,25 +341,22 @@ fn federate(
 
 fn score_round(
     sets: &EvalSets,
-    detail: &RoundDetailView,
+    row: RoundRow,
     models: &Path,
     clock: &Clock,
 ) -> Result<FederatedRound> {
-    let published = detail.round.state == "published";
-    let (hash, scores) = if published {
-        let version = detail.round.published_version;
+    let (hash, scores) = if let Some(version) = row.version {
         let path = models.join(format!("v{version:04}.safetensors"));
         let (model, _) = ModelState::load_safetensors(&path)?;
         let scores = sets.score(&model)?;
         clock.say(format!(
             "  federated round {}: global map_33 {:.3} map_50 {:.3}",
-            detail.round.round, scores.global.map_33, scores.global.map_50
+            row.round, scores.global.map_33, scores.global.map_50
         ));
         (Some(model.content_hash().to_hex()), Some(scores))
     } else {
         (None, None)
     };
-    let row = RoundRow::new(detail, hash.clone(), None);
     Ok(FederatedRound {
         round: row.round,
         version: row.version,

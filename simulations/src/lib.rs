@@ -11,7 +11,7 @@
 //! `synthetic_styles` (plants' looks and drift), `process_memory`,
 //! `virtual_plants` (in-process plants), `eval_sets`, `baselines`, `run_metrics`, `chart`,
 //! `chart_svg`, `chart_png`, `run_report`, `experiment_run` (one run), `simulate_run` (the
-//! command). `deploy/` (not Rust) holds the Helm chart and the Slurm script.
+//! command); `plot_csv` (`simulate plot`: runs' CSVs on one chart). `deploy/` (not Rust) holds the Helm chart and the Slurm script.
 
 pub mod baselines;
 pub mod chart;
@@ -30,6 +30,7 @@ pub mod federation;
 pub mod interrupt;
 pub mod partition;
 pub mod plant_data;
+pub mod plot_csv;
 pub mod process_memory;
 pub mod processes;
 pub mod progress;

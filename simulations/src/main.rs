@@ -1,6 +1,7 @@
 //! `simulate`: federations of plants on one machine. `quickstart` runs the coordinator and
 //! three plant clients as real processes over mutual TLS (README command one); `run` runs an
-//! experiment file (docs/simulations.md) with its baselines, sweeps and reports.
+//! experiment file (docs/simulations.md) with its baselines, sweeps and reports; `plot` draws
+//! several runs' mAP by round on one chart.
 
 use std::path::PathBuf;
 
@@ -8,6 +9,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use fedinspect_common::delta::Codec;
 use fedinspect_simulations::interrupt::Interrupt;
+use fedinspect_simulations::plot_csv::{self, PlotInput, PlotOptions};
 use fedinspect_simulations::quickstart::{self, QuickstartConfig};
 use fedinspect_simulations::simulate_run::{self, RunOptions};
 
@@ -68,6 +70,26 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Draws mAP by round from the map_by_round.csv of several runs on one chart (PNG and
+    /// SVG): arms that ran separately, side by side.
+    Plot {
+        /// Run folders or their map_by_round.csv, each as PATH or LABEL=PATH (the label
+        /// prefixes its lines' names in the legend).
+        #[arg(required = true)]
+        inputs: Vec<PlotInput>,
+        /// map_33 or map_50.
+        #[arg(long, default_value = "map_33")]
+        metric: String,
+        /// global, unseen or a plant id.
+        #[arg(long, default_value = "global")]
+        test_set: String,
+        /// Chart title [default: "<test set> <metric> by round"].
+        #[arg(long)]
+        title: Option<String>,
+        /// Output path without extension: writes OUT.png and OUT.svg.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() {
@@ -123,6 +145,24 @@ fn run(cli: Cli) -> Result<()> {
                 binaries: None,
             };
             simulate_run::run(&opts, Interrupt::on_signals()?)?;
+        }
+        Command::Plot {
+            inputs,
+            metric,
+            test_set,
+            title,
+            out,
+        } => {
+            let written = plot_csv::plot(&PlotOptions {
+                inputs,
+                metric,
+                test_set,
+                title,
+                out,
+            })?;
+            for f in written {
+                println!("wrote {}", f.display());
+            }
         }
     }
     Ok(())

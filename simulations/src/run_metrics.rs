@@ -177,7 +177,7 @@ impl RunMetrics {
             let include = match method {
                 "centralised" => !self.centralised.is_empty(),
                 "local_only" => !self.local_only.is_empty(),
-                _ => true,
+                _ => !self.federated.is_empty(),
             };
             if include {
                 scored(method, 0, &self.initial);

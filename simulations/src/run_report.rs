@@ -101,17 +101,21 @@ impl Metric {
 
 fn map_vs_round(m: &RunMetrics, metric: Metric) -> Chart {
     let start = (0.0, metric.of(&m.initial.global));
-    let mut series = vec![Series {
-        name: "federated".into(),
-        points: std::iter::once(start)
-            .chain(m.federated.iter().filter_map(|r| {
-                r.scores
-                    .as_ref()
-                    .map(|s| (r.round as f64, metric.of(&s.global)))
-            }))
-            .collect(),
-        dashed: false,
-    }];
+    let mut series = Vec::new();
+    // Empty when `federation.enabled = false` ran the baselines alone.
+    if !m.federated.is_empty() {
+        series.push(Series {
+            name: "federated".into(),
+            points: std::iter::once(start)
+                .chain(m.federated.iter().filter_map(|r| {
+                    r.scores
+                        .as_ref()
+                        .map(|s| (r.round as f64, metric.of(&s.global)))
+                }))
+                .collect(),
+            dashed: false,
+        });
+    }
     if !m.centralised.is_empty() {
         series.push(Series {
             name: "centralised".into(),
@@ -155,16 +159,18 @@ fn per_plant(m: &RunMetrics) -> Chart {
             continue;
         };
         let start = (0.0, initial.map_33);
-        series.push(Series {
-            name: format!("{} fed", p.id),
-            points: std::iter::once(start)
-                .chain(m.federated.iter().filter_map(|r| {
-                    let s = r.scores.as_ref()?.plants.get(&p.id)?;
-                    Some((r.round as f64, s.map_33))
-                }))
-                .collect(),
-            dashed: false,
-        });
+        if !m.federated.is_empty() {
+            series.push(Series {
+                name: format!("{} fed", p.id),
+                points: std::iter::once(start)
+                    .chain(m.federated.iter().filter_map(|r| {
+                        let s = r.scores.as_ref()?.plants.get(&p.id)?;
+                        Some((r.round as f64, s.map_33))
+                    }))
+                    .collect(),
+                dashed: false,
+            });
+        }
         if !m.local_only.is_empty() {
             series.push(Series {
                 name: format!("{} local", p.id),
@@ -263,6 +269,31 @@ fn map33(m: Option<Map>) -> String {
     m.map_or("-".into(), |m| format!("{:.3}", m.map_33))
 }
 
+/// Rounds per hour and the processes' memory, for a run whose federation ran.
+fn scale_lines(s: &mut String, m: &RunMetrics) {
+    // In-process plants have no process of their own; their figure follows below.
+    let plants = m.memory.mean_plant().map_or(String::new(), |b| {
+        format!(" {} per plant process (mean),", human_bytes(b))
+    });
+    let _ = writeln!(
+        s,
+        "Scale on this machine: {:.0} rounds per hour; peak memory:{plants} coordinator {}.\n",
+        m.rounds_per_hour,
+        m.memory.coordinator.map_or("-".into(), human_bytes),
+    );
+    if let Some(v) = &m.memory.in_process {
+        let _ = writeln!(
+            s,
+            "Plants in process: {} plants cost {} of `simulate` ({} before them, {} at the peak): {} per plant.\n",
+            v.plants,
+            human_bytes(v.peak_rss.saturating_sub(v.baseline_rss)),
+            human_bytes(v.baseline_rss),
+            human_bytes(v.peak_rss),
+            human_bytes(v.per_plant),
+        );
+    }
+}
+
 fn run_markdown(m: &RunMetrics) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -291,23 +322,14 @@ fn run_markdown(m: &RunMetrics) -> String {
         m.federation_seconds,
         m.baseline_seconds,
     );
-    let _ = writeln!(
-        s,
-        "Scale on this machine: {:.0} rounds per hour; peak memory {} per plant process (mean), coordinator {}.\n",
-        m.rounds_per_hour,
-        m.memory.mean_plant().map_or("-".into(), human_bytes),
-        m.memory.coordinator.map_or("-".into(), human_bytes),
-    );
-    if let Some(v) = &m.memory.in_process {
+    if m.federated.is_empty() {
         let _ = writeln!(
             s,
-            "Plants in process: {} plants cost {} of `simulate` ({} before them, {} at the peak): {} per plant.\n",
-            v.plants,
-            human_bytes(v.peak_rss.saturating_sub(v.baseline_rss)),
-            human_bytes(v.baseline_rss),
-            human_bytes(v.peak_rss),
-            human_bytes(v.per_plant),
+            "The federation did not run (`federation.enabled = false`): the baselines alone, from the coordinator's initial model, with the budget of {} rounds of {} epoch(s).\n",
+            m.settings.federation.rounds, m.settings.federation.local_epochs,
         );
+    } else {
+        scale_lines(&mut s, m);
     }
     if !m.memory.by_round.is_empty() {
         let row = |f: &dyn Fn(&crate::process_memory::RoundMemory) -> Option<u64>| {
@@ -376,7 +398,9 @@ fn run_markdown(m: &RunMetrics) -> String {
         s,
         "\n![map_33 by round](map33_vs_round.png)\n\n![map_50 by round](map50_vs_round.png)\n\n![per-plant map_33](per_plant_map33.png)\n\n![bytes vs map_33](bytes_vs_map33.png)\n\nThe same figures as SVG: [map_33](map33_vs_round.svg), [map_50](map50_vs_round.svg), [per plant](per_plant_map33.svg), [bytes](bytes_vs_map33.svg).\n"
     );
-    let _ = writeln!(s, "## Federation rounds\n\n| round | version | participants | bytes up | bytes down | seconds | map_33 | map_50 |\n|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if !m.federated.is_empty() {
+        let _ = writeln!(s, "## Federation rounds\n\n| round | version | participants | bytes up | bytes down | seconds | map_33 | map_50 |\n|---:|---:|---:|---:|---:|---:|---:|---:|");
+    }
     for r in &m.federated {
         let g = r.scores.as_ref().map(|s| s.global);
         let _ = writeln!(

@@ -18,9 +18,7 @@ use fedinspect_client::data::coco::{self, CocoOptions};
 use fedinspect_common::detection::BBox;
 use fedinspect_simulations::evaluation::TestSet;
 use fedinspect_simulations::experiment::Experiment;
-use fedinspect_simulations::interrupt::Interrupt;
 use fedinspect_simulations::plant_data::{self, PreparedData};
-use fedinspect_simulations::simulate_run::{self, RunOptions};
 use image::{Rgb, RgbImage};
 use serde_json::{json, Value};
 
@@ -342,7 +340,6 @@ fn coco_refusals_name_the_problem() {
 
 #[test]
 fn a_coco_federation_runs_end_to_end() {
-    let bins = support::binaries_dir();
     let dir = tempfile::tempdir().unwrap();
     let e = write_export(dir.path());
     let experiment = dir.path().join("coco_tiny.toml");
@@ -355,16 +352,7 @@ fn a_coco_federation_runs_end_to_end() {
     );
     fs::write(&experiment, text).unwrap();
     let out = dir.path().join("out");
-    let runs = simulate_run::run(
-        &RunOptions {
-            experiment,
-            data: None,
-            out: Some(out.clone()),
-            binaries: Some(bins),
-        },
-        Interrupt::none(),
-    )
-    .expect("the COCO experiment runs");
+    let runs = support::simulate_experiment(experiment, &out, "the COCO experiment");
     let m = &runs[0];
     let run_dir = out.join("runs").join(&m.label);
     let site = run_dir.join("site");

@@ -35,7 +35,7 @@ fn an_empty_file_gets_the_documented_defaults() {
         ("q8", 0.0, 1.0)
     );
     assert_eq!(f.strategy, "fedavg");
-    assert!(s.baselines.centralised && s.baselines.local_only);
+    assert!(f.enabled && s.baselines.centralised && s.baselines.local_only);
     assert_eq!(e.sweep.len(), 1);
     let runs = e.sweep.expand(&e.base);
     assert_eq!(runs.len(), 1);
@@ -108,6 +108,22 @@ fn impossible_values_are_refused_all_at_once() {
     ] {
         assert!(m.contains(what), "{what} not named in:\n{m}");
     }
+}
+
+#[test]
+fn the_baselines_can_run_alone_but_not_nothing_at_all() {
+    let e = parse("[federation]\nenabled = false\nrounds = 30\n[baselines]\nlocal_only = false\n")
+        .unwrap();
+    let s = &e.base;
+    assert!(!s.federation.enabled && s.baselines.centralised && !s.baselines.local_only);
+    assert_eq!(
+        s.federation.rounds, 30,
+        "the baselines' budget is still rounds x epochs"
+    );
+    let m = problems(
+        "[federation]\nenabled = false\n[baselines]\ncentralised = false\nlocal_only = false\n",
+    );
+    assert!(m.contains("nothing to run"), "{m}");
 }
 
 #[test]

@@ -10,26 +10,14 @@ mod support;
 use std::fs;
 use std::path::Path;
 
-use fedinspect_simulations::interrupt::Interrupt;
-use fedinspect_simulations::simulate_run::{self, RunOptions};
 use serde_json::Value;
 
 #[test]
 fn the_tiny_experiment_writes_consistent_reports() {
-    let bins = support::binaries_dir();
     let dir = tempfile::tempdir().unwrap();
     let experiment = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tiny.toml");
     let out = dir.path().join("out");
-    let runs = simulate_run::run(
-        &RunOptions {
-            experiment,
-            data: None,
-            out: Some(out.clone()),
-            binaries: Some(bins),
-        },
-        Interrupt::none(),
-    )
-    .expect("the tiny experiment runs");
+    let runs = support::simulate_experiment(experiment, &out, "the tiny experiment");
     assert_eq!(runs.len(), 1);
     let m = &runs[0];
     let run_dir = out.join("runs").join(&m.label);
@@ -142,6 +130,62 @@ fn the_tiny_experiment_writes_consistent_reports() {
     let summary = fs::read_to_string(out.join("summary.csv")).unwrap();
     assert_eq!(summary.lines().count(), 2, "{summary}");
     assert!(summary.lines().nth(1).unwrap().starts_with(&m.label));
+}
+
+#[test]
+fn the_centralised_baseline_runs_alone_from_the_coordinators_initial_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tiny.toml"))
+            .unwrap();
+    let text = tiny
+        .replace("[federation]\n", "[federation]\nenabled = false\n")
+        .replace("local_only = true", "local_only = false");
+    assert_ne!(text, tiny);
+    let experiment = dir.path().join("centralised_only.toml");
+    fs::write(&experiment, text).unwrap();
+    let out = dir.path().join("out");
+    let runs = support::simulate_experiment(experiment, &out, "the baseline-only experiment");
+    let m = &runs[0];
+    let run_dir = out.join("runs").join(&m.label);
+
+    assert!(m.federated.is_empty(), "{:?}", m.federated);
+    assert!(m.local_only.is_empty());
+    assert_eq!(
+        m.centralised.len(),
+        2,
+        "rounds x local_epochs still set the budget"
+    );
+    // The initial model came from the coordinator: version 1 exported, nothing after it.
+    let mut exported: Vec<String> = fs::read_dir(run_dir.join("site/models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    exported.sort();
+    assert_eq!(exported, ["v0001.json", "v0001.safetensors"]);
+
+    let report = fs::read_to_string(run_dir.join("report.md")).unwrap();
+    assert!(report.contains("| centralised |"), "{report}");
+    assert!(
+        !report.lines().any(|l| l.starts_with("| federated |")),
+        "no federated row among the final models: {report}"
+    );
+    assert!(!report.contains("of the centralised map_33"), "{report}");
+    assert!(
+        report.contains("The federation did not run") && !report.contains("rounds per hour"),
+        "{report}"
+    );
+    assert_eq!(m.rounds_per_hour, 0.0);
+    let svg = fs::read_to_string(run_dir.join("map33_vs_round.svg")).unwrap();
+    assert!(
+        svg.contains("centralised") && !svg.contains(">federated<"),
+        "{svg}"
+    );
+    let fed_csv = fs::read_to_string(run_dir.join("federation_rounds.csv")).unwrap();
+    assert_eq!(fed_csv.lines().count(), 1, "header only: {fed_csv}");
+    // Centralised rounds 0..=2 x (global + 3 plants).
+    let map_csv = fs::read_to_string(run_dir.join("map_by_round.csv")).unwrap();
+    assert_eq!(map_csv.lines().count(), 1 + 3 * 4, "{map_csv}");
 }
 
 /// Every number under a `map_33` or `map_50` key.

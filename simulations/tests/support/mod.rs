@@ -25,6 +25,27 @@ use fedinspect_simulations::processes::Binaries;
 use fedinspect_simulations::site::{PlantSpec, RoundSpec, SiteSpec};
 use fedinspect_simulations::synthetic;
 
+/// `simulate run EXPERIMENT --out OUT` in this process with this build's binaries; panics
+/// with the error (`what` says which experiment) when the run fails.
+pub fn simulate_experiment(
+    experiment: PathBuf,
+    out: &Path,
+    what: &str,
+) -> Vec<fedinspect_simulations::run_metrics::RunMetrics> {
+    use fedinspect_simulations::interrupt::Interrupt;
+    use fedinspect_simulations::simulate_run::{self, RunOptions};
+    simulate_run::run(
+        &RunOptions {
+            experiment,
+            data: None,
+            out: Some(out.to_path_buf()),
+            binaries: Some(binaries_dir()),
+        },
+        Interrupt::none(),
+    )
+    .unwrap_or_else(|e| panic!("{what} fails: {e:#}"))
+}
+
 /// Side of the tiny synthetic boards.
 pub const TINY_SIZE: u32 = 64;
 
