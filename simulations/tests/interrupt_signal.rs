@@ -69,11 +69,15 @@ fn sigint_stops_the_run_and_every_process_it_started() {
         running.len() >= 5,
         "simulate, the coordinator and 3 plants should be found running under {marker}: {running:?}"
     );
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on the child this test started and has not reaped.
+    let sent = unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(
+        sent,
+        0,
+        "SIGINT to simulate: {}",
+        std::io::Error::last_os_error()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let exit = loop {
