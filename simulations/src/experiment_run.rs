@@ -206,9 +206,10 @@ fn site_spec(s: &Settings, dir: &Path, data: &PreparedData) -> Result<SiteSpec> 
     })
 }
 
-/// Runs the federation's rounds; returns each round's record, the initial model and the
-/// memory figures. Every published version is exported into `site/models` and checked on the
-/// way. Plants are processes, or agents in this process when `plants_in_process` is set.
+/// Runs the federation's rounds (none when `federation.enabled = false`); returns each
+/// round's figures, the initial model and the memory figures. Every published version is
+/// exported into `site/models` and checked on the way. Plants are processes, or agents in
+/// this process when `plants_in_process` is set.
 fn federate(
     spec: SiteSpec,
     data: &PreparedData,
@@ -263,7 +264,7 @@ fn federate(
     clock.say("every plant registered");
     let initial = export_version(&mut fed, 1, &models, &pinned)?;
     let round_wait = Duration::from_secs(s.federation.deadline_secs + 120);
-    let mut details = Vec::new();
+    let mut rows = Vec::new();
     let mut by_round = Vec::new();
     let rounds = if s.federation.enabled {
         u64::from(s.federation.rounds)
@@ -300,7 +301,7 @@ fn federate(
         // Only the round's figures are kept: its record lists every update (ids, hashes,
         // signatures, metrics), some 300 KiB a round at 256 plants, which would make this
         // process grow with rounds.
-        details.push(RoundRow::new(&detail, None, None));
+        rows.push(RoundRow::new(&detail, None, None));
     }
     if let Some(v) = fed.virtual_plants() {
         for (id, t) in v.tallies() {
@@ -336,7 +337,7 @@ fn federate(
             clock.say(format!("warning: {name} ended with {}", describe(status)));
         }
     }
-    Ok((details, initial, memory))
+    Ok((rows, initial, memory))
 }
 
 fn score_round(
