@@ -5,11 +5,9 @@
 
 use std::path::PathBuf;
 
+use crate::chart::{AxisFormat, Chart, Series};
+use crate::run_report::{map_axis, write_chart_files};
 use anyhow::{anyhow, bail, Context, Result};
-use fedinspect_common::fsutil;
-
-use crate::chart::{AxisFormat, Chart, Series, HEIGHT, WIDTH};
-use crate::{chart_png, chart_svg};
 
 /// One CSV to draw, with the name its lines get in the legend.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,7 +44,7 @@ pub struct PlotOptions {
     pub metric: String,
     pub test_set: String,
     pub title: Option<String>,
-    /// Written as `<out>.png` and `<out>.svg`.
+    /// Written as `<out>.png` and `<out>.svg` (`.png`/`.svg` appended to the name).
     pub out: PathBuf,
 }
 
@@ -74,10 +72,6 @@ pub fn plot(o: &PlotOptions) -> Result<[PathBuf; 2]> {
             .with_context(|| format!("in {}", csv.display()))?;
         series.extend(found);
     }
-    let top = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .fold(0.0, f64::max);
     let chart = Chart {
         title: o
             .title
@@ -86,14 +80,10 @@ pub fn plot(o: &PlotOptions) -> Result<[PathBuf; 2]> {
         x_label: "round".into(),
         y_label: o.metric.clone(),
         x_format: AxisFormat::Number,
-        y_range: Some((0.0, ((top * 10.0).ceil() / 10.0).clamp(0.1, 1.0))),
+        y_range: map_axis(&series),
         series,
     };
-    let png = o.out.with_extension("png");
-    let svg = o.out.with_extension("svg");
-    fsutil::write_bytes_atomic(&png, &chart_png::render(&chart, WIDTH, HEIGHT)?)?;
-    fsutil::write_bytes_atomic(&svg, chart_svg::render(&chart, WIDTH, HEIGHT).as_bytes())?;
-    Ok([png, svg])
+    write_chart_files(&chart, &o.out)
 }
 
 /// One line per method found in a `map_by_round.csv` (`method,round,test_set,map_33,map_50`),
@@ -147,6 +137,7 @@ pub fn series_from_csv(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chart::{HEIGHT, WIDTH};
 
     const CSV: &str = "method,round,test_set,map_33,map_50\n\
         federated,0,global,0.000000,0.000000\n\

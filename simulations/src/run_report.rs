@@ -3,7 +3,7 @@
 //! sweep summary (`summary.csv`, `report.md`, the bytes-vs-mAP figure across runs).
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use fedinspect_common::fsutil;
@@ -243,7 +243,8 @@ fn other_swept(m: &RunMetrics) -> String {
 
 /// The mAP axis: from 0 to the next tenth above the highest value (at most 1), so small
 /// values stay readable.
-fn map_axis(series: &[Series]) -> Option<(f64, f64)> {
+/// The y range of an mAP chart: 0 to the next tenth above its highest point.
+pub(crate) fn map_axis(series: &[Series]) -> Option<(f64, f64)> {
     let top = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -252,11 +253,21 @@ fn map_axis(series: &[Series]) -> Option<(f64, f64)> {
 }
 
 fn save_chart(chart: &Chart, dir: &Path, stem: &str) -> Result<()> {
-    let png = chart_png::render(chart, WIDTH, HEIGHT)?;
-    fsutil::write_bytes_atomic(&dir.join(format!("{stem}.png")), &png)?;
-    let svg = chart_svg::render(chart, WIDTH, HEIGHT);
-    fsutil::write_bytes_atomic(&dir.join(format!("{stem}.svg")), svg.as_bytes())?;
+    write_chart_files(chart, &dir.join(stem))?;
     Ok(())
+}
+
+/// Writes `chart` as `<stem>.png` and `<stem>.svg` (each atomically) and returns the two paths.
+pub(crate) fn write_chart_files(chart: &Chart, stem: &Path) -> Result<[PathBuf; 2]> {
+    let with = |ext: &str| {
+        let mut name = stem.as_os_str().to_owned();
+        name.push(ext);
+        PathBuf::from(name)
+    };
+    let (png, svg) = (with(".png"), with(".svg"));
+    fsutil::write_bytes_atomic(&png, &chart_png::render(chart, WIDTH, HEIGHT)?)?;
+    fsutil::write_bytes_atomic(&svg, chart_svg::render(chart, WIDTH, HEIGHT).as_bytes())?;
+    Ok([png, svg])
 }
 
 /// Final federated map_33 over final centralised map_33.
