@@ -72,6 +72,12 @@ impl LrSpan {
         self.start > 0.0
     }
 
+    /// Whether the next round continues this one's cycle (this round does not end it), so
+    /// that this round's AdamW moments are worth keeping for it.
+    pub fn continued_by_next(&self) -> bool {
+        self.end < 1.0
+    }
+
     /// The position in the cosine when the round is `progress` (0 to 1) through its training.
     pub fn at(&self, progress: f64) -> f64 {
         self.start + progress.clamp(0.0, 1.0) * (self.end - self.start)
@@ -111,6 +117,8 @@ mod tests {
         assert_eq!(spans[6], spans[0]);
         assert!(!spans[0].continues() && spans[1].continues() && spans[2].continues());
         assert!(!spans[3].continues());
+        assert!(spans[0].continued_by_next() && spans[1].continued_by_next());
+        assert!(!spans[2].continued_by_next(), "round 3 ends the cycle");
         for w in spans[..3].windows(2) {
             assert_eq!(w[0].end, w[1].start, "no gap and no overlap between rounds");
         }

@@ -82,9 +82,10 @@ pub struct Agent {
     failed_sessions: u32,
     /// Installed inference bundles and the engine builder (install tasks).
     bundles: bundle_task::BundleSide,
-    /// AdamW's moments at the end of the last round this process trained, continued by the
-    /// next round of a learning-rate cycle (`TrainPlan::lr_span`). In memory only: a plant
-    /// restarted mid-cycle starts its moments afresh, with a warmup.
+    /// AdamW's moments at the end of the last round this process trained, kept when that
+    /// round did not end its learning-rate cycle (`TrainPlan::lr_span`) and continued by the
+    /// cycle's next round. In memory only: a plant restarted mid-cycle starts its moments
+    /// afresh, with a warmup.
     moments: Option<crate::detector::train::AdamWState>,
 }
 
@@ -333,7 +334,10 @@ impl Agent {
         let Some(mut trained) = self.train(&task, base, stop_at, shutdown).await? else {
             return Ok(Step::Shutdown);
         };
-        self.moments = trained.report.moments.take();
+        // Kept only for a next round of the same cycle: otherwise nothing reads them, and
+        // they are twice the model's size.
+        let continued = task.plan.lr_span.is_some_and(|s| s.continued_by_next());
+        self.moments = trained.report.moments.take().filter(|_| continued);
         trained
             .metrics
             .insert("download_seconds".to_string(), download_seconds);
