@@ -8,13 +8,11 @@
 //! The round then publishes with each plant counted exactly once.
 
 mod federation_site;
+#[path = "../../coordinator/tests/support/relay.rs"]
+mod relay;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use federation_site::{policy, Site, WAIT};
@@ -22,6 +20,7 @@ use fedinspect_client::agent::state::StateDir;
 use fedinspect_common::delta::{self, Codec};
 use fedinspect_coordinator::config::Limits;
 use fedinspect_coordinator::records::RoundState;
+use relay::Relay;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plants_killed_mid_training_and_mid_upload_are_counted_once() {
@@ -122,7 +121,7 @@ async fn plants_killed_mid_training_and_mid_upload_are_counted_once() {
          published with {} updates",
         hex::encode(cut.header.update_id),
         cut.header.payload_bytes,
-        relay.forwarded(),
+        relay.forwarded_of_upload(),
         updates.len()
     );
     drop((p1, p2));
@@ -189,100 +188,4 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 fn has_file(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
-}
-
-/// A TCP relay (TLS passes through untouched) that, once `started()` turns true, forwards
-/// `cut_after` more bytes from the plant on that connection and then nothing more, as if the
-/// plant had died mid-upload; later connections pass untouched.
-struct Relay {
-    addr: SocketAddr,
-    state: Arc<RelayState>,
-}
-
-struct RelayState {
-    target: SocketAddr,
-    started: Box<dyn Fn() -> bool + Send + Sync>,
-    cut_after: u64,
-    forwarded: AtomicU64,
-    cut: AtomicBool,
-}
-
-impl Relay {
-    fn start(
-        target: SocketAddr,
-        cut_after: u64,
-        started: impl Fn() -> bool + Send + Sync + 'static,
-    ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(RelayState {
-            target,
-            started: Box::new(started),
-            cut_after,
-            forwarded: AtomicU64::new(0),
-            cut: AtomicBool::new(false),
-        });
-        let s = state.clone();
-        std::thread::spawn(move || {
-            for plant in listener.incoming().flatten() {
-                let s = s.clone();
-                std::thread::spawn(move || relay(plant, &s));
-            }
-        });
-        Self { addr, state }
-    }
-
-    fn address(&self) -> String {
-        format!("https://127.0.0.1:{}", self.addr.port())
-    }
-
-    fn has_cut(&self) -> bool {
-        self.state.cut.load(Ordering::SeqCst)
-    }
-
-    fn forwarded(&self) -> u64 {
-        self.state.forwarded.load(Ordering::SeqCst)
-    }
-}
-
-fn relay(plant: TcpStream, s: &RelayState) {
-    let Ok(coordinator) = TcpStream::connect(s.target) else {
-        return;
-    };
-    let (mut p_in, mut c_out) = (plant.try_clone().unwrap(), coordinator.try_clone().unwrap());
-    let (mut c_in, mut p_out) = (coordinator, plant);
-    let down = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut c_in, &mut p_out);
-        let _ = c_in.shutdown(Shutdown::Both);
-        let _ = p_out.shutdown(Shutdown::Both);
-    });
-    let mut buf = [0u8; 4096];
-    let mut holding = false;
-    loop {
-        let n = match p_in.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if holding {
-            continue; // cut off: what the plant sends goes nowhere
-        }
-        let mut send = n;
-        if !s.cut.load(Ordering::SeqCst) && (s.started)() {
-            let room = s.cut_after - s.forwarded.load(Ordering::SeqCst);
-            if n as u64 >= room {
-                send = usize::try_from(room).unwrap_or(n);
-                holding = true;
-            }
-            s.forwarded.fetch_add(send as u64, Ordering::SeqCst);
-        }
-        if c_out.write_all(&buf[..send]).is_err() {
-            break;
-        }
-        if holding {
-            s.cut.store(true, Ordering::SeqCst);
-        }
-    }
-    let _ = p_in.shutdown(Shutdown::Both);
-    let _ = c_out.shutdown(Shutdown::Both);
-    let _ = down.join();
 }

@@ -24,6 +24,8 @@ pub struct StatusSnapshot {
     pub promoted_version: u64,
     pub plants_registered: u32,
     pub plants_connected: u32,
+    /// `round.hold`: the coordinator opens no round.
+    pub holding: bool,
 }
 
 pub fn status(hub: &Hub) -> Result<StatusSnapshot, CoreError> {
@@ -41,6 +43,7 @@ pub fn status(hub: &Hub) -> Result<StatusSnapshot, CoreError> {
         promoted_version: promoted(hub)?.map_or(0, |m| m.version),
         plants_registered: u32::try_from(registered).unwrap_or(u32::MAX),
         plants_connected: u32::try_from(hub.connected().len()).unwrap_or(u32::MAX),
+        holding: hub.policy.hold,
     })
 }
 

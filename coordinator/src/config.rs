@@ -66,6 +66,7 @@ pub struct RawRound {
     pub codec: Option<String>,
     pub q8_block: Option<u32>,
     pub max_rounds: Option<u64>,
+    pub hold: Option<bool>,
     pub sample_fraction: Option<f64>,
     pub sample_seed: Option<u64>,
     pub keep_update_blobs_rounds: Option<u64>,
@@ -129,6 +130,9 @@ pub struct RoundPolicy {
     pub lr_cycle_rounds: u64,
     /// Stop opening rounds after this many; 0 runs forever.
     pub max_rounds: u64,
+    /// Open no round at all: plants register, download the current model and wait; admin
+    /// works. For enrolling the fleet before the first round, or a freeze.
+    pub hold: bool,
     /// How the round's accepted updates become the next model (`[aggregation]`).
     pub aggregation: AggregationStrategy,
     /// Fraction of the registered plants tasked per round, in (0, 1]; 1 tasks every plant.
@@ -206,6 +210,7 @@ impl Default for RoundPolicy {
             codec: Codec::F16,
             lr_cycle_rounds: 0,
             max_rounds: 0,
+            hold: false,
             aggregation: AggregationStrategy::FedAvg,
             sample_fraction: 1.0,
             sample_seed: 0,
@@ -427,6 +432,7 @@ fn round_policy(raw: RawRound, p: &mut Problems) -> RoundPolicy {
         codec,
         lr_cycle_rounds: raw.lr_cycle_rounds.unwrap_or(d.lr_cycle_rounds),
         max_rounds: raw.max_rounds.unwrap_or(d.max_rounds),
+        hold: raw.hold.unwrap_or(d.hold),
         // Set from the [aggregation] section by `Config::from_raw`.
         aggregation: d.aggregation,
         // Set from the [promotion] section by `Config::from_raw`.

@@ -107,6 +107,14 @@ impl RoundDriver {
                 let _ = self.shutdown.wait_for(|stop| *stop).await;
                 return Ok(());
             }
+            if self.hub.policy.hold {
+                tracing::info!(
+                    rounds = done,
+                    "round.hold = true: no round opens; plants can register and fetch the current model (restart with hold = false to train)"
+                );
+                let _ = self.shutdown.wait_for(|stop| *stop).await;
+                return Ok(());
+            }
             if !self.wait_for_plants().await {
                 return Ok(());
             }

@@ -4,7 +4,8 @@
 //! (`round.keep_update_blobs_rounds`) removes the update blobs of older rounds and keeps the
 //! newest ones, and `check` accounts for the removed ones; a learning-rate cycle
 //! (`round.lr_cycle_rounds`) gives each round its stretch of the cosine, restarting after the
-//! cycle, and the stretch stays in the round record.
+//! cycle, and the stretch stays in the round record; `round.hold` opens no round while the
+//! plants register and fetch the model, until the coordinator restarts without it.
 
 mod support;
 
@@ -248,5 +249,47 @@ async fn without_a_cycle_every_round_is_a_cosine_of_its_own() {
         running.hub().store.round(1).unwrap().unwrap().plan.lr_span,
         None
     );
+    running.stop(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holding_coordinator_opens_no_round_until_restarted_without_hold() {
+    let site = Site::new(1);
+    let held = RoundPolicy {
+        hold: true,
+        ..policy(1, 1, 30, Codec::F32)
+    };
+    let config = site.config("data", held, Limits::default());
+    let running = start(&config).await;
+    let url = url(&running);
+    let mut p = Plant::connect(&site, &url, "plant-1").await;
+    p.join(30).await;
+    // The plant is registered, its task stream is open and it can fetch the initial model:
+    // without the hold, round 1 (one participant needed) would open at once.
+    let model = p.download(1).await;
+    assert!(!model.is_empty());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let opened = running.hub().store.latest_round().unwrap();
+    assert!(opened.is_none(), "a round opened under hold: {opened:?}");
+    let s = admin(&site, &url, AdminCommand::Plants).await.unwrap();
+    assert!(s.to_string().contains("plant-1"), "{s}");
+    let s = admin(&site, &url, AdminCommand::Status).await.unwrap();
+    assert_eq!(
+        (s["holding"].as_bool(), s["current_round"].as_u64()),
+        (Some(true), Some(0)),
+        "{s}"
+    );
+    drop(p);
+    running.stop(Duration::from_secs(10)).await.unwrap();
+
+    // The same data folder without the hold: round 1 opens for the plant.
+    let config = site.config("data", policy(1, 1, 30, Codec::F32), Limits::default());
+    let running = start(&config).await;
+    let url = self::url(&running);
+    let mut p = Plant::connect(&site, &url, "plant-1").await;
+    p.join(30).await;
+    assert_eq!(p.next_train().await.round, 1);
+    let s = admin(&site, &url, AdminCommand::Status).await.unwrap();
+    assert_eq!(s["holding"].as_bool(), Some(false), "{s}");
     running.stop(Duration::from_secs(10)).await.unwrap();
 }

@@ -188,6 +188,8 @@ fn site_spec(s: &Settings, dir: &Path, data: &PreparedData) -> Result<SiteSpec> 
         crop_size: m.crop_size,
         round: RoundSpec {
             rounds: u64::from(f.rounds),
+            // Baselines alone: plants register and fetch the initial model, no round opens.
+            hold: !f.enabled,
             min_participants: target.min(2),
             target_participants: target,
             deadline_secs: f.deadline_secs,
@@ -269,7 +271,7 @@ fn federate(
     let rounds = if s.federation.enabled {
         u64::from(s.federation.rounds)
     } else {
-        clock.say("federation.enabled = false: the initial model is fetched, no round runs; the baselines follow");
+        clock.say("federation.enabled = false: the coordinator holds (round.hold), the initial model is fetched, no round opens; the baselines follow");
         0
     };
     for round in 1..=rounds {

@@ -230,6 +230,7 @@ fn site_spec(cfg: &QuickstartConfig, out: &Path, data: &DataPlan) -> SiteSpec {
         crop_size: data.crop,
         round: RoundSpec {
             rounds: u64::from(cfg.rounds),
+            hold: false,
             // All plants take part; a round whose plant fails still publishes with two.
             min_participants: n.min(2),
             target_participants: n,

@@ -53,6 +53,8 @@ pub struct PlantSpec {
 pub struct RoundSpec {
     /// `max_rounds`: the coordinator opens no round after this many.
     pub rounds: u64,
+    /// `hold`: the coordinator opens no round at all (a baselines-only run).
+    pub hold: bool,
     pub min_participants: u32,
     pub target_participants: u32,
     pub deadline_secs: u64,
@@ -271,6 +273,9 @@ impl Site {
         }
         if r.lr_cycle_rounds > 0 {
             round.insert("lr_cycle_rounds".into(), int(r.lr_cycle_rounds));
+        }
+        if r.hold {
+            round.insert("hold".into(), Value::Boolean(true));
         }
         let mut config = table([
             ("listen", text(&self.listen.to_string())),

@@ -163,6 +163,12 @@ fn the_centralised_baseline_runs_alone_from_the_coordinators_initial_model() {
         .collect();
     exported.sort();
     assert_eq!(exported, ["v0001.json", "v0001.safetensors"]);
+    // The coordinator held: it never opened a round, so no plant started training.
+    let log = fs::read_to_string(run_dir.join("site/logs/coordinator.log")).unwrap();
+    assert!(
+        log.contains("round.hold = true") && !log.contains("round open round="),
+        "{log}"
+    );
 
     let report = fs::read_to_string(run_dir.join("report.md")).unwrap();
     assert!(report.contains("| centralised |"), "{report}");

@@ -163,6 +163,7 @@ impl AdminSession {
             promoted_version: s.promoted_version,
             plants_registered: s.plants_registered,
             plants_connected: s.plants_connected,
+            holding: s.holding,
         })
     }
 

@@ -141,6 +141,7 @@ pub fn status(s: &StatusSnapshot) -> pb::StatusResponse {
         promoted_version: s.promoted_version,
         plants_registered: s.plants_registered,
         plants_connected: s.plants_connected,
+        holding: s.holding,
     }
 }
 

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses part of this module
 
+#[path = "../../../coordinator/tests/support/relay.rs"]
 pub mod relay;
 
 use std::collections::BTreeMap;
@@ -143,6 +144,7 @@ pub fn tiny_site(root: &Path, data: &Path, rounds: u64, codec: Codec) -> SiteSpe
         crop_size: TINY_SIZE,
         round: RoundSpec {
             rounds,
+            hold: false,
             min_participants: 2,
             target_participants: 3,
             deadline_secs: 120,

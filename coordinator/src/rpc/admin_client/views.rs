@@ -16,6 +16,9 @@ pub struct StatusView {
     pub promoted_version: u64,
     pub plants_registered: u32,
     pub plants_connected: u32,
+    /// `round.hold` is set: no round opens until the coordinator restarts without it.
+    #[serde(default)]
+    pub holding: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
