@@ -28,6 +28,7 @@ pub mod experiment;
 pub mod experiment_run;
 pub mod federation;
 pub mod interrupt;
+pub mod memory_report;
 pub mod partition;
 pub mod plant_data;
 pub mod plot_csv;

@@ -3,7 +3,8 @@
 //! and the baselines' mAP, each on the global test split, the unseen groups' boards and each
 //! plant's own test data. Written as `metrics.json` (everything) and two CSV files in long
 //! format for spreadsheets and pandas: `federation_rounds.csv` (one row per round) and
-//! `map_by_round.csv` (one row per method, round and test set).
+//! `map_by_round.csv` (one row per method, round and test set); `memory_by_round.csv` comes
+//! from [`crate::memory_report`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -114,7 +115,8 @@ impl RunMetrics {
         self.federated.iter().map(|r| r.bytes_down).sum()
     }
 
-    /// Writes `metrics.json`, `federation_rounds.csv` and `map_by_round.csv` into `dir`.
+    /// Writes `metrics.json`, `federation_rounds.csv`, `map_by_round.csv` and (when rounds
+    /// ran) `memory_by_round.csv` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         fsutil::write_bytes_atomic(&dir.join("metrics.json"), &serde_json::to_vec_pretty(self)?)?;
         fsutil::write_bytes_atomic(
@@ -122,6 +124,12 @@ impl RunMetrics {
             self.federation_csv().as_bytes(),
         )?;
         fsutil::write_bytes_atomic(&dir.join("map_by_round.csv"), self.map_csv().as_bytes())?;
+        if !self.memory.by_round.is_empty() {
+            fsutil::write_bytes_atomic(
+                &dir.join("memory_by_round.csv"),
+                crate::memory_report::csv(&self.memory.by_round).as_bytes(),
+            )?;
+        }
         Ok(())
     }
 

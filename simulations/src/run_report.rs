@@ -12,7 +12,7 @@ use crate::chart::{AxisFormat, Chart, Series, HEIGHT, WIDTH};
 use crate::eval_sets::Map;
 use crate::report::human_bytes;
 use crate::run_metrics::{csv_text, RunMetrics};
-use crate::{chart_png, chart_svg};
+use crate::{chart_png, chart_svg, memory_report};
 
 /// What the figures and tables measure, printed in every report.
 const MEASURES: &str = "\
@@ -41,6 +41,9 @@ pub fn write_run_report(m: &RunMetrics, dir: &Path) -> Result<()> {
         dir,
         "bytes_vs_map33",
     )?;
+    if let Some(chart) = memory_report::chart(&m.memory.by_round) {
+        save_chart(&chart, dir, "memory_vs_round")?;
+    }
     fsutil::write_bytes_atomic(&dir.join("report.md"), run_markdown(m).as_bytes())
         .with_context(|| format!("cannot write {}/report.md", dir.display()))
 }
@@ -342,30 +345,7 @@ fn run_markdown(m: &RunMetrics) -> String {
     } else {
         scale_lines(&mut s, m);
     }
-    if !m.memory.by_round.is_empty() {
-        let row = |f: &dyn Fn(&crate::process_memory::RoundMemory) -> Option<u64>| {
-            m.memory
-                .by_round
-                .iter()
-                .map(|r| f(r).map_or("-".into(), human_bytes))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        };
-        let rounds: Vec<String> = m
-            .memory
-            .by_round
-            .iter()
-            .map(|r| r.round.to_string())
-            .collect();
-        let _ = writeln!(
-            s,
-            "Resident memory after each round (does it grow with rounds?):\n\n| round | {} |\n|---|{}\n| simulate | {} |\n| coordinator | {} |\n",
-            rounds.join(" | "),
-            "---:|".repeat(rounds.len()),
-            row(&|r| r.simulate),
-            row(&|r| r.coordinator),
-        );
-    }
+    s.push_str(&memory_report::markdown(&m.memory.by_round));
     let _ = writeln!(s, "## Final models\n\n| method | global map_33 | global map_50 | unseen map_33 |\n|---|---:|---:|---:|");
     let unseen_fed = m
         .federated

@@ -100,6 +100,20 @@ fn the_tiny_experiment_writes_consistent_reports() {
             m.memory
         );
         assert!(m.memory.coordinator.is_some());
+        // Resident memory after each round: every round in the CSV, a chart, the report's table.
+        let csv = fs::read_to_string(run_dir.join("memory_by_round.csv")).unwrap();
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(rows.len(), 3, "{csv}");
+        assert!(
+            rows[1].starts_with("1,") && rows[2].starts_with("2,"),
+            "{csv}"
+        );
+        assert!(rows[1..]
+            .iter()
+            .all(|r| r.split(',').all(|c| !c.is_empty())));
+        let png = image::open(run_dir.join("memory_vs_round.png")).expect("a readable PNG");
+        assert_eq!((png.width(), png.height()), (720, 420));
+        assert!(report.contains("| round | 1 | 2 |") && report.contains("memory_vs_round.png"));
     }
 
     // Baselines with the same number of rounds, every mAP a probability.
