@@ -4,7 +4,8 @@
 //! pending update, which it does just before sending its first byte), forwards `cut_after`
 //! more bytes from the plant, then forwards nothing more from that connection: the
 //! coordinator holds a partial upload, as when a plant dies mid-upload. Later connections
-//! pass untouched.
+//! pass untouched. Shared by the plant-process tests of `client` (`plant_kill.rs`) and
+//! `simulations` (`federation_processes.rs`) through `#[path]`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
