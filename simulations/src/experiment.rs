@@ -125,9 +125,10 @@ pub struct ModelSettings {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FederationSettings {
     /// Whether the federated arm runs. `false` runs only the baselines, with the budget
-    /// `rounds` x `local_epochs` still set here: the coordinator starts, the plants register
-    /// and the initial model is fetched (so the baselines start from the very model a
-    /// federation would), then everything stops before round 1.
+    /// `rounds` x `local_epochs` still set here: the coordinator starts holding
+    /// (`round.hold`: it opens no round), the plants register and the initial model is
+    /// fetched (so the baselines start from the very model a federation would), then the
+    /// federation stops.
     pub enabled: bool,
     pub rounds: u32,
     pub local_epochs: u32,
