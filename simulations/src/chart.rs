@@ -69,6 +69,11 @@ impl Chart {
         if self.x_format == AxisFormat::Bytes {
             x0 = 0.0;
         }
+        // A long axis of rounds that starts at round 1 (memory after each round) starts at 0,
+        // so that its ticks fall on round numbers (100, 200, ...).
+        if self.x_format == AxisFormat::Number && x0 == 1.0 && x1 - x0 > 12.0 {
+            x0 = 0.0;
+        }
         if x1 - x0 < 1e-12 {
             x1 = x0 + 1.0;
         }

@@ -226,6 +226,17 @@ mod tests {
         let chart = chart(&r).unwrap();
         assert_eq!(chart.series.len(), 2);
         assert_eq!(chart.series[1].points.len(), 150);
+        let ticks: Vec<String> = chart
+            .frame(720, 420)
+            .x_ticks(AxisFormat::Number)
+            .into_iter()
+            .map(|t| t.1)
+            .collect();
+        assert_eq!(ticks.first().map(String::as_str), Some("0"), "{ticks:?}");
+        assert!(
+            ticks.iter().all(|t| !t.contains('.')),
+            "round ticks: {ticks:?}"
+        );
     }
 
     #[test]
