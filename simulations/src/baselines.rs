@@ -147,9 +147,7 @@ impl BaselineTrainer {
             }
         })?;
         self.interrupt.check()?;
-        self.moments = report
-            .moments
-            .filter(|_| plan.lr_span.is_some_and(|s| s.continued_by_next()));
+        self.moments = report.moments.filter(|_| plan.moments_continue());
         self.model = det.state()?;
         self.rounds_done = round;
         Ok(&self.model)

@@ -34,6 +34,8 @@ pub struct Chart {
     pub x_label: String,
     pub y_label: String,
     pub x_format: AxisFormat,
+    /// The x range; `None`: from the data (from 0 for bytes).
+    pub x_range: Option<(f64, f64)>,
     /// The y range; `None`: from the data.
     pub y_range: Option<(f64, f64)>,
     pub series: Vec<Series>,
@@ -69,10 +71,8 @@ impl Chart {
         if self.x_format == AxisFormat::Bytes {
             x0 = 0.0;
         }
-        // A long axis of rounds that starts at round 1 (memory after each round) starts at 0,
-        // so that its ticks fall on round numbers (100, 200, ...).
-        if self.x_format == AxisFormat::Number && x0 == 1.0 && x1 - x0 > 12.0 {
-            x0 = 0.0;
+        if let Some((lo, hi)) = self.x_range {
+            (x0, x1) = (lo, hi);
         }
         if x1 - x0 < 1e-12 {
             x1 = x0 + 1.0;
@@ -151,6 +151,14 @@ fn label(v: f64, format: AxisFormat) -> String {
     }
 }
 
+/// The highest y of any point of `series` (0 when there is none or all are below 0).
+pub fn top_y(series: &[Series]) -> f64 {
+    series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(0.0, f64::max)
+}
+
 /// Colour of series `i` (the client's palette).
 pub fn color(i: usize) -> [u8; 3] {
     fedinspect_client::eval::draw::PALETTE[i % fedinspect_client::eval::draw::PALETTE.len()]
@@ -167,6 +175,7 @@ mod tests {
             x_label: "round".into(),
             y_label: "map".into(),
             x_format: AxisFormat::Number,
+            x_range: None,
             y_range: Some((0.0, 1.0)),
             series: vec![Series {
                 name: "a".into(),

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::chart::{AxisFormat, Chart, Series};
+use crate::chart::{top_y, AxisFormat, Chart, Series};
 use crate::process_memory::RoundMemory;
 use crate::report::human_bytes;
 
@@ -36,6 +36,9 @@ pub fn chart(by_round: &[RoundMemory]) -> Option<Chart> {
             .collect(),
         dashed: false,
     };
+    if !has_figures(by_round) {
+        return None;
+    }
     let series: Vec<Series> = [
         line("simulate", |r| r.simulate),
         line("coordinator", |r| r.coordinator),
@@ -43,18 +46,15 @@ pub fn chart(by_round: &[RoundMemory]) -> Option<Chart> {
     .into_iter()
     .filter(|s| !s.points.is_empty())
     .collect();
-    if series.is_empty() {
-        return None;
-    }
-    let top = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .fold(0.0, f64::max);
+    let top = top_y(&series);
+    let last = by_round.last().map_or(1, |r| r.round);
     Some(Chart {
         title: "Resident memory after each round".into(),
         x_label: "round".into(),
         y_label: "resident MiB".into(),
         x_format: AxisFormat::Number,
+        // From round 0, so that the ticks of a long run fall on round numbers (100, 200, ...).
+        x_range: Some((0.0, last as f64)),
         y_range: Some((0.0, round_up(top * 1.1))),
         series,
     })
@@ -110,13 +110,20 @@ pub fn markdown(by_round: &[RoundMemory]) -> String {
             growth(|r| r.coordinator),
         );
     }
-    if chart(by_round).is_some() {
+    if has_figures(by_round) {
         let _ = writeln!(
             s,
             "![resident memory by round](memory_vs_round.png) ([SVG](memory_vs_round.svg))\n"
         );
     }
     s
+}
+
+/// Whether any round has a figure (none off Linux): what the chart needs to be drawn.
+fn has_figures(by_round: &[RoundMemory]) -> bool {
+    by_round
+        .iter()
+        .any(|r| r.simulate.is_some() || r.coordinator.is_some())
 }
 
 /// `x` rounded up to a half or a whole power of ten (391 -> 400, 141 -> 150), at least 1, so

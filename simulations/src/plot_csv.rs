@@ -5,9 +5,10 @@
 
 use std::path::PathBuf;
 
+use anyhow::{anyhow, bail, Context, Result};
+
 use crate::chart::{AxisFormat, Chart, Series};
 use crate::run_report::{map_axis, write_chart_files};
-use anyhow::{anyhow, bail, Context, Result};
 
 /// One CSV to draw, with the name its lines get in the legend.
 #[derive(Clone, Debug, PartialEq)]
@@ -80,6 +81,7 @@ pub fn plot(o: &PlotOptions) -> Result<[PathBuf; 2]> {
         x_label: "round".into(),
         y_label: o.metric.clone(),
         x_format: AxisFormat::Number,
+        x_range: None,
         y_range: map_axis(&series),
         series,
     };

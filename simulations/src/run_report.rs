@@ -150,6 +150,7 @@ fn map_vs_round(m: &RunMetrics, metric: Metric) -> Chart {
         x_label: "round".into(),
         y_label: metric.name().into(),
         x_format: AxisFormat::Number,
+        x_range: None,
         y_range: map_axis(&series),
         series,
     }
@@ -193,6 +194,7 @@ fn per_plant(m: &RunMetrics) -> Chart {
         x_label: "round".into(),
         y_label: "map_33".into(),
         x_format: AxisFormat::Number,
+        x_range: None,
         y_range: map_axis(&series),
         series,
     }
@@ -229,6 +231,7 @@ fn bytes_vs_map(runs: &[RunMetrics], what: &str) -> Chart {
         x_label: "delta bytes uploaded so far".into(),
         y_label: "map_33".into(),
         x_format: AxisFormat::Bytes,
+        x_range: None,
         y_range: map_axis(&series),
         series,
     }
@@ -248,10 +251,7 @@ fn other_swept(m: &RunMetrics) -> String {
 /// values stay readable.
 /// The y range of an mAP chart: 0 to the next tenth above its highest point.
 pub(crate) fn map_axis(series: &[Series]) -> Option<(f64, f64)> {
-    let top = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .fold(0.0, f64::max);
+    let top = crate::chart::top_y(series);
     Some((0.0, ((top * 10.0).ceil() / 10.0).clamp(0.1, 1.0)))
 }
 

@@ -336,7 +336,7 @@ impl Agent {
         };
         // Kept only for a next round of the same cycle: otherwise nothing reads them, and
         // they are twice the model's size.
-        let continued = task.plan.lr_span.is_some_and(|s| s.continued_by_next());
+        let continued = task.plan.moments_continue();
         self.moments = trained.report.moments.take().filter(|_| continued);
         trained
             .metrics

@@ -36,6 +36,14 @@ pub struct TrainPlan {
     pub lr_span: Option<LrSpan>,
 }
 
+impl TrainPlan {
+    /// Whether the next round continues this round's learning-rate cycle, so that the AdamW
+    /// moments this round ends with are worth keeping for it (twice the model's size).
+    pub fn moments_continue(&self) -> bool {
+        self.lr_span.is_some_and(|s| s.continued_by_next())
+    }
+}
+
 /// Install a signed inference bundle (see `agent::bundle_task`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstallBundleTask {
