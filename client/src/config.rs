@@ -5,14 +5,14 @@
 //!
 //! Relative paths are taken relative to the folder of the config file.
 
-use fedinspect_common::config_problems::{resolve, Problems};
+use fedinspect_common::config_problems::{resolve, Problems, RawTls};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fedinspect_common::arch::ArchConfig;
 use fedinspect_common::signing::{SigningError, SigningKey, VerifyingKey};
-use fedinspect_common::tls::{Role, TlsFiles, TlsMaterial, TonicPem};
+use fedinspect_common::tls::{Role, TlsMaterial, TonicPem};
 use serde::Deserialize;
 
 use crate::data::{Channels, OnInvalid};
@@ -48,14 +48,6 @@ pub struct RawCoordinator {
     pub address: Option<String>,
     pub server_name: Option<String>,
     pub public_key: Option<PathBuf>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTls {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -368,14 +360,7 @@ fn coordinator(raw: RawCoordinator, base: &Path, p: &mut Problems) -> Option<Coo
 
 /// The plant id and checked PEMs; a certificate problem is reported with the TLS error.
 fn tls(raw: RawTls, base: &Path, p: &mut Problems) -> Option<(String, TonicPem)> {
-    let ca_cert = p.existing_file(base, "tls.ca", raw.ca);
-    let cert = p.existing_file(base, "tls.cert", raw.cert);
-    let key = p.existing_file(base, "tls.key", raw.key);
-    let files = TlsFiles {
-        ca_cert: ca_cert?,
-        cert: cert?,
-        key: key?,
-    };
+    let files = p.tls_files(base, raw)?;
     match TlsMaterial::load(&files, Role::Plant) {
         Ok(m) => Some((m.identity().id.clone(), m.tonic_pem().clone())),
         Err(e) => {

@@ -1,7 +1,22 @@
 //! Collecting every problem of a configuration file at once (the two-phase RawConfig →
-//! Config resolution of the coordinator and the client), with messages that say what to do.
+//! Config resolution of the coordinator and the client), with messages that say what to do, and
+//! the `[tls]` section both files share.
 
 use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::tls::TlsFiles;
+
+/// The `[tls]` section of `coordinator.toml` and `plant.toml` as written: the CA to trust, the
+/// node's certificate and its key.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
 
 /// Problems found while resolving a config file; reported together, never one at a time.
 pub struct Problems {
@@ -37,6 +52,19 @@ impl Problems {
     pub fn missing<T>(&mut self, field: &str, what: &str) -> Option<T> {
         self.push(format!("{field}: missing; set it to {what}"));
         None
+    }
+
+    /// The three files of `[tls]`, resolved against `base`, if all are set and exist (each
+    /// missing one reported as `tls.ca`, `tls.cert` or `tls.key`).
+    pub fn tls_files(&mut self, base: &Path, raw: RawTls) -> Option<TlsFiles> {
+        let ca_cert = self.existing_file(base, "tls.ca", raw.ca);
+        let cert = self.existing_file(base, "tls.cert", raw.cert);
+        let key = self.existing_file(base, "tls.key", raw.key);
+        Some(TlsFiles {
+            ca_cert: ca_cert?,
+            cert: cert?,
+            key: key?,
+        })
     }
 
     /// The path of a required file, resolved against `base`, if it is set and exists.

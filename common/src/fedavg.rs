@@ -89,7 +89,10 @@ pub use canonical::{aggregate_canonical, aggregate_canonical_part, TILE};
 pub use coordinate::COORDINATE_TILE;
 pub use error::FedAvgError;
 pub use median::CoordinateMedian;
-pub use server_step::{is_running_statistic, BadServerLr, ServerStep, MAX_SERVER_LR};
+pub use server_step::{
+    is_running_statistic, BadServerLr, BadServerMomentum, ServerStep, MAX_SERVER_LR,
+    MAX_SERVER_MOMENTUM,
+};
 pub use source::{DeltaSource, PlantUpdate};
 pub use strategy::{FedAvg, Strategy};
 pub use stream::StreamingFedAvg;

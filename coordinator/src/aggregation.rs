@@ -1,10 +1,11 @@
 //! Turning a round's accepted deltas into the next model: norm clipping, the configured
-//! strategy (FedAvg, FedAvg with a server learning rate, median or trimmed mean) and its call, and the version's metrics. Pure and
+//! strategy (FedAvg, FedAvg with a server learning rate and momentum, median or trimmed mean) and its call, and the version's metrics. Pure and
 //! synchronous: no I/O of its own; the round driver opens the stored blobs as
 //! [`DeltaSource`]s (which the strategy reads tile by tile) and calls this on a blocking
 //! thread.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use fedinspect_common::fedavg::{
     CoordinateMedian, DeltaSource, FedAvg, FedAvgError, PlantUpdate, Strategy,
@@ -21,13 +22,17 @@ pub struct Input<'a> {
     pub metrics: &'a BTreeMap<String, f64>,
 }
 
-/// The strategy `[aggregation]` names.
-pub fn strategy_for(choice: &AggregationStrategy) -> Box<dyn Strategy + Send + Sync> {
+/// The strategy `[aggregation]` names, for a base aggregated from `previous` (the base's
+/// parent version; only server momentum reads it).
+pub fn strategy_for(
+    choice: &AggregationStrategy,
+    previous: Option<Arc<ModelState>>,
+) -> Box<dyn Strategy + Send + Sync> {
     match choice {
         AggregationStrategy::FedAvg => Box::new(FedAvg),
         AggregationStrategy::Median => Box::new(CoordinateMedian),
         AggregationStrategy::TrimmedMean(tm) => Box::new(tm.clone()),
-        AggregationStrategy::ServerStep(s) => Box::new(s.clone()),
+        AggregationStrategy::ServerStep(s) => Box::new(s.clone().after(previous)),
     }
 }
 

@@ -4,7 +4,7 @@
 //! Relative paths are taken relative to the folder of the config file, so a config travels
 //! with the files it names.
 
-use fedinspect_common::config_problems::{resolve, Problems};
+use fedinspect_common::config_problems::{resolve, Problems, RawTls};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,14 +43,6 @@ pub struct RawConfig {
     pub promotion: Option<crate::gate::RawPromotion>,
     #[serde(default)]
     pub storage: RawStorage,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTls {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -282,9 +274,7 @@ impl Config {
             None => p.missing("data_dir", "the folder for the database and blobs"),
             Some(d) => Some(resolve(base, &d)),
         };
-        let ca = p.existing_file(base, "tls.ca", raw.tls.ca);
-        let cert = p.existing_file(base, "tls.cert", raw.tls.cert);
-        let key = p.existing_file(base, "tls.key", raw.tls.key);
+        let tls = p.tls_files(base, raw.tls);
         let signing_key = p.existing_file(base, "signing_key", raw.signing_key);
         let initial_model = raw.initial_model.and_then(|m| {
             let path = resolve(base, &m);
@@ -315,26 +305,21 @@ impl Config {
             }
             _ => None,
         };
-        match (listen, data_dir, ca, cert, key, signing_key) {
-            (
-                Some(listen),
-                Some(data_dir),
-                Some(ca_cert),
-                Some(cert),
-                Some(key),
-                Some(signing_key),
-            ) if p.is_empty() => Ok(Config {
-                listen,
-                data_dir,
-                tls: TlsFiles { ca_cert, cert, key },
-                signing_key,
-                initial_model,
-                round,
-                limits,
-                metrics_listen,
-                bundles,
-                storage,
-            }),
+        match (listen, data_dir, tls, signing_key) {
+            (Some(listen), Some(data_dir), Some(tls), Some(signing_key)) if p.is_empty() => {
+                Ok(Config {
+                    listen,
+                    data_dir,
+                    tls,
+                    signing_key,
+                    initial_model,
+                    round,
+                    limits,
+                    metrics_listen,
+                    bundles,
+                    storage,
+                })
+            }
             _ => Err(p.into_vec()),
         }
     }

@@ -424,7 +424,8 @@ fn publish(hub: &Hub, mut record: RoundRecord, base: &ModelState) -> Result<Publ
         }
     }
     // The configured strategy ([aggregation]); its name goes into the version's record.
-    let strategy = aggregation::strategy_for(&hub.policy.aggregation);
+    let previous = previous_step_origin(hub, &record)?;
+    let strategy = aggregation::strategy_for(&hub.policy.aggregation, previous);
     let started = std::time::Instant::now();
     let model = average(hub, strategy.as_ref(), base, &updates)?;
     let fedavg_secs = started.elapsed().as_secs_f64();
@@ -470,6 +471,27 @@ fn publish(hub: &Hub, mut record: RoundRecord, base: &ModelState) -> Result<Publ
         plants: updates.len(),
         samples: updates.iter().map(|u| u.num_samples).sum(),
     })
+}
+
+/// The version the round's base was aggregated from, when the strategy steps along it
+/// (server momentum: `fedavg::ServerStep`); `None` for an initial base or another strategy.
+/// Read from the lineage, so a restart or a rollback needs no optimiser state.
+fn previous_step_origin(
+    hub: &Hub,
+    record: &RoundRecord,
+) -> Result<Option<Arc<ModelState>>, CoreError> {
+    match &hub.policy.aggregation {
+        AggregationStrategy::ServerStep(s) if s.needs_previous() => {}
+        _ => return Ok(None),
+    }
+    let base = hub
+        .store
+        .model(record.base_version)?
+        .ok_or(CoreError::UnknownVersion(record.base_version))?;
+    if base.parent == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(versions(hub).load(base.parent)?.1)))
 }
 
 /// Most threads one aggregation uses (each reads every blob's share of its tensors).

@@ -28,6 +28,8 @@ const PARTICIPATION_KEYS: [(&str, &str); 2] =
 const STRATEGY_KEYS: [(&str, &str); 2] = [("aggregation", "strategy"), ("round", "strategy")];
 /// Where FedAvg's server learning rate goes.
 const SERVER_LR_KEYS: [(&str, &str); 1] = [("aggregation", "server_learning_rate")];
+/// Where FedAvg's server momentum goes.
+const SERVER_MOMENTUM_KEYS: [(&str, &str); 1] = [("aggregation", "server_momentum")];
 
 /// The extra `coordinator.toml` entries `settings` needs, or every knob the coordinator
 /// cannot take, each named with what is missing.
@@ -59,6 +61,15 @@ pub fn coordinator_entries(settings: &Settings) -> Result<Vec<ConfigEntry>, Vec<
             Err(why) => problems.push(format!(
                 "federation.server_learning_rate = {}: {why}; this coordinator has no server learning rate ([aggregation] server_learning_rate), so only 1 can run",
                 f.server_learning_rate
+            )),
+        }
+    }
+    if f.server_momentum != 0.0 {
+        match find(&SERVER_MOMENTUM_KEYS, Value::Float(f.server_momentum)) {
+            Ok(e) => entries.push(e),
+            Err(why) => problems.push(format!(
+                "federation.server_momentum = {}: {why}; this coordinator has no server momentum ([aggregation] server_momentum), so only 0 can run",
+                f.server_momentum
             )),
         }
     }
@@ -121,5 +132,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!((e.table, e.key), ("round", "fedprox_mu"));
+    }
+
+    #[test]
+    fn server_momentum_goes_to_the_coordinators_aggregation_table() {
+        let exp = crate::experiment::Experiment::parse(
+            "[federation]\nserver_momentum = 0.5\nserver_learning_rate = 0.5\n",
+            "t",
+            None,
+        )
+        .unwrap();
+        let entries = coordinator_entries(&exp.base).unwrap();
+        let keys: Vec<_> = entries.iter().map(|e| (e.table, e.key)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("aggregation", "server_learning_rate"),
+                ("aggregation", "server_momentum")
+            ]
+        );
+        assert_eq!(
+            exp.base.federation.strategy_label(),
+            "fedavg(server_lr=0.5,momentum=0.5)"
+        );
+        let e = match crate::experiment::Experiment::parse(
+            "[federation]\nserver_momentum = 1.5\n",
+            "t",
+            None,
+        ) {
+            Err(e) => format!("{e:?}"),
+            Ok(_) => panic!("momentum 1.5 accepted"),
+        };
+        assert!(e.contains("server momentum 1.5 must be"), "{e}");
     }
 }

@@ -144,6 +144,9 @@ pub struct FederationSettings {
     /// FedAvg's step multiplied by this at the coordinator (`[aggregation]
     /// server_learning_rate`); 1 is plain FedAvg.
     pub server_learning_rate: f64,
+    /// Heavy-ball momentum of the coordinator's step (`[aggregation] server_momentum`); 0 is
+    /// none.
+    pub server_momentum: f64,
     pub deadline_secs: u64,
     pub warmup_steps: u64,
     /// Rounds sharing one learning-rate cosine, the plants (and the baselines) carrying their
@@ -156,12 +159,13 @@ pub struct FederationSettings {
 
 impl FederationSettings {
     /// The strategy as the coordinator names it in a version's record:
-    /// `fedavg(server_lr=2)` when a server learning rate is set.
+    /// `fedavg(server_lr=2)` when a server learning rate is set,
+    /// `fedavg(server_lr=1,momentum=0.5)` with server momentum.
     pub fn strategy_label(&self) -> String {
-        if self.server_learning_rate == 1.0 {
-            self.strategy.clone()
-        } else {
-            format!("{}(server_lr={})", self.strategy, self.server_learning_rate)
+        match (self.server_learning_rate, self.server_momentum) {
+            (lr, m) if m != 0.0 => format!("{}(server_lr={lr},momentum={m})", self.strategy),
+            (lr, _) if lr != 1.0 => format!("{}(server_lr={lr})", self.strategy),
+            _ => self.strategy.clone(),
         }
     }
 }
@@ -274,6 +278,7 @@ struct RawFederation {
     participation: Option<f64>,
     strategy: Option<String>,
     server_learning_rate: Option<f64>,
+    server_momentum: Option<f64>,
     deadline_secs: Option<u64>,
     warmup_steps: Option<u64>,
     lr_cycle_rounds: Option<u64>,
@@ -515,6 +520,7 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
             participation: f.participation.unwrap_or(1.0),
             strategy: f.strategy.unwrap_or_else(|| "fedavg".into()),
             server_learning_rate: f.server_learning_rate.unwrap_or(1.0),
+            server_momentum: f.server_momentum.unwrap_or(0.0),
             deadline_secs: f.deadline_secs.unwrap_or(600),
             warmup_steps: f.warmup_steps.unwrap_or(20),
             lr_cycle_rounds: f.lr_cycle_rounds.unwrap_or(0),

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::experiment::Settings;
 
 /// The knobs a sweep may vary, in expansion order.
-pub const KNOBS: [&str; 13] = [
+pub const KNOBS: [&str; 14] = [
     "plants",
     "alpha",
     "size_skew",
@@ -19,6 +19,7 @@ pub const KNOBS: [&str; 13] = [
     "fedprox_mu",
     "strategy",
     "server_learning_rate",
+    "server_momentum",
     "lr_cycle_rounds",
     "seed",
 ];
@@ -37,6 +38,7 @@ pub struct RawSweep {
     fedprox_mu: Option<Vec<f64>>,
     strategy: Option<Vec<String>>,
     server_learning_rate: Option<Vec<f64>>,
+    server_momentum: Option<Vec<f64>>,
     lr_cycle_rounds: Option<Vec<u64>>,
     seed: Option<Vec<u64>>,
 }
@@ -79,7 +81,7 @@ impl Sweep {
         let floats = |v: Option<Vec<f64>>| v.map(|v| v.into_iter().map(Value::Float).collect());
         let texts = |v: Option<Vec<String>>| v.map(|v| v.into_iter().map(Value::Text).collect());
         let u64s = |v: Option<Vec<u64>>| v.map(|v| v.into_iter().map(Value::Int).collect());
-        let lists: [(&'static str, Option<Vec<Value>>); 13] = [
+        let lists: [(&'static str, Option<Vec<Value>>); 14] = [
             ("plants", ints(raw.plants)),
             ("alpha", floats(raw.alpha)),
             ("size_skew", floats(raw.size_skew)),
@@ -91,6 +93,7 @@ impl Sweep {
             ("fedprox_mu", floats(raw.fedprox_mu)),
             ("strategy", texts(raw.strategy)),
             ("server_learning_rate", floats(raw.server_learning_rate)),
+            ("server_momentum", floats(raw.server_momentum)),
             ("lr_cycle_rounds", u64s(raw.lr_cycle_rounds)),
             ("seed", u64s(raw.seed)),
         ];
@@ -197,6 +200,7 @@ fn apply(s: &mut Settings, key: &str, v: &Value) {
         "fedprox_mu" => s.federation.fedprox_mu = float(),
         "strategy" => s.federation.strategy = text(),
         "server_learning_rate" => s.federation.server_learning_rate = float(),
+        "server_momentum" => s.federation.server_momentum = float(),
         "lr_cycle_rounds" => s.federation.lr_cycle_rounds = int(),
         "seed" => s.seed = int(),
         other => unreachable!("{other} is not in KNOBS"),

@@ -73,4 +73,6 @@ pub enum FedAvgError {
     Poisoned { plant: String },
     #[error("the base model given to finish differs from the one given to begin at tensor '{tensor}'; finish with the same base model")]
     BaseChanged { tensor: String },
+    #[error("the version the base was aggregated from lacks tensor '{tensor}' or has another shape, so server momentum has no previous step; roll back to a version whose parent has the same architecture, or set server_momentum = 0")]
+    PreviousMismatch { tensor: String },
 }

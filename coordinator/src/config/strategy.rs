@@ -6,10 +6,11 @@
 //! strategy = "fedavg"      # "fedavg" (default), "median" or "trimmed_mean"
 //! trim_fraction = 0.2      # trimmed_mean only: share of plants dropped at each end, 0 <= f < 0.5
 //! server_learning_rate = 1 # fedavg only: the mean step is multiplied by it, 0 < lr <= 10
+//! server_momentum = 0      # fedavg only: heavy-ball momentum from the lineage, 0 <= m <= 0.99
 //! ```
 
 use fedinspect_common::config_problems::Problems;
-use fedinspect_common::fedavg::{ServerStep, TrimmedMean};
+use fedinspect_common::fedavg::{ServerStep, Strategy, TrimmedMean};
 use serde::Deserialize;
 
 /// `[aggregation]` as written.
@@ -19,6 +20,7 @@ pub struct RawAggregation {
     pub strategy: Option<String>,
     pub trim_fraction: Option<f64>,
     pub server_learning_rate: Option<f64>,
+    pub server_momentum: Option<f64>,
 }
 
 /// The aggregation a round uses; see `docs/reliability.md` for how to choose.
@@ -31,7 +33,8 @@ pub enum AggregationStrategy {
     /// Coordinate-wise mean after dropping `floor(trim_fraction × K)` values at each end
     /// (the fraction validated when the strategy was made).
     TrimmedMean(TrimmedMean),
-    /// FedAvg whose step is multiplied by a server learning rate other than 1.
+    /// FedAvg whose step is multiplied by a server learning rate other than 1, or which adds
+    /// server momentum.
     ServerStep(ServerStep),
 }
 
@@ -47,26 +50,8 @@ pub fn aggregation_strategy(
     p: &mut Problems,
 ) -> AggregationStrategy {
     let fraction = raw.trim_fraction.unwrap_or(DEFAULT_TRIM_FRACTION);
-    if let Some(lr) = raw.server_learning_rate {
-        return match raw.strategy.as_deref() {
-            None | Some("fedavg") if raw.trim_fraction.is_none() => match ServerStep::new(lr) {
-                Ok(_) if lr == 1.0 => AggregationStrategy::FedAvg,
-                Ok(step) => AggregationStrategy::ServerStep(step),
-                Err(e) => {
-                    p.push(format!("aggregation.server_learning_rate: {e}"));
-                    AggregationStrategy::FedAvg
-                }
-            },
-            other => {
-                p.push(format!(
-                    "aggregation.server_learning_rate: only used with strategy = \"fedavg\", but \
-                     the strategy is {}{}; remove server_learning_rate or set strategy = \"fedavg\"",
-                    other.unwrap_or("fedavg"),
-                    if raw.trim_fraction.is_some() { " with a trim_fraction" } else { "" }
-                ));
-                AggregationStrategy::FedAvg
-            }
-        };
+    if raw.server_learning_rate.is_some() || raw.server_momentum.is_some() {
+        return server_step(&raw, p);
     }
     match raw.strategy.as_deref() {
         None | Some("fedavg") | Some("median") if raw.trim_fraction.is_some() => {
@@ -105,6 +90,48 @@ pub fn aggregation_strategy(
     }
 }
 
+/// `server_learning_rate` and `server_momentum`, which go with FedAvg only.
+fn server_step(raw: &RawAggregation, p: &mut Problems) -> AggregationStrategy {
+    let keys = match (raw.server_learning_rate, raw.server_momentum) {
+        (Some(_), Some(_)) => "server_learning_rate and server_momentum",
+        (Some(_), None) => "server_learning_rate",
+        _ => "server_momentum",
+    };
+    match raw.strategy.as_deref() {
+        None | Some("fedavg") if raw.trim_fraction.is_none() => {}
+        other => {
+            p.push(format!(
+                "aggregation.{keys}: only used with strategy = \"fedavg\", but the strategy is \
+                 {}{}; remove {keys} or set strategy = \"fedavg\"",
+                other.unwrap_or("fedavg"),
+                if raw.trim_fraction.is_some() {
+                    " with a trim_fraction"
+                } else {
+                    ""
+                }
+            ));
+            return AggregationStrategy::FedAvg;
+        }
+    }
+    let lr = raw.server_learning_rate.unwrap_or(1.0);
+    let momentum = raw.server_momentum.unwrap_or(0.0);
+    let step = match ServerStep::new(lr) {
+        Ok(step) => step,
+        Err(e) => {
+            p.push(format!("aggregation.server_learning_rate: {e}"));
+            return AggregationStrategy::FedAvg;
+        }
+    };
+    match step.with_momentum(momentum) {
+        Ok(_) if lr == 1.0 && momentum == 0.0 => AggregationStrategy::FedAvg,
+        Ok(step) => AggregationStrategy::ServerStep(step),
+        Err(e) => {
+            p.push(format!("aggregation.server_momentum: {e}"));
+            AggregationStrategy::FedAvg
+        }
+    }
+}
+
 impl std::fmt::Display for AggregationStrategy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -113,9 +140,7 @@ impl std::fmt::Display for AggregationStrategy {
             AggregationStrategy::TrimmedMean(tm) => {
                 write!(f, "trimmed_mean({})", tm.trim_fraction())
             }
-            AggregationStrategy::ServerStep(s) => {
-                write!(f, "fedavg(server_lr={})", s.server_lr())
-            }
+            AggregationStrategy::ServerStep(s) => f.write_str(s.name()),
         }
     }
 }
@@ -191,6 +216,38 @@ mod tests {
             "{e:?}"
         );
         assert!(e[0].contains("the strategy is median"), "{e:?}");
+    }
+
+    #[test]
+    fn server_momentum_goes_with_fedavg_and_its_learning_rate() {
+        let with = |lr: f64, m: f64| {
+            Ok(AggregationStrategy::ServerStep(
+                ServerStep::new(lr).unwrap().with_momentum(m).unwrap(),
+            ))
+        };
+        assert_eq!(resolve("server_momentum = 0.5", 3), with(1.0, 0.5));
+        assert_eq!(
+            resolve("server_momentum = 0.9\nserver_learning_rate = 0.5", 3),
+            with(0.5, 0.9)
+        );
+        assert_eq!(
+            resolve("server_momentum = 0.0", 3),
+            Ok(AggregationStrategy::FedAvg)
+        );
+        assert_eq!(
+            with(1.0, 0.5).unwrap().to_string(),
+            "fedavg(server_lr=1,momentum=0.5)"
+        );
+        let e = resolve("server_momentum = 1.0", 3).unwrap_err();
+        assert!(
+            e[0].starts_with("aggregation.server_momentum: server momentum 1 must be"),
+            "{e:?}"
+        );
+        let e = resolve("strategy = \"median\"\nserver_momentum = 0.5", 3).unwrap_err();
+        assert!(
+            e[0].starts_with("aggregation.server_momentum: only used with strategy = \"fedavg\""),
+            "{e:?}"
+        );
     }
 
     #[test]
