@@ -5,7 +5,8 @@
 //!
 //! Relative paths are taken relative to the folder of the config file.
 
-use fedinspect_common::config_problems::{resolve, Problems, RawTls};
+pub use fedinspect_common::config_problems::ConfigError;
+use fedinspect_common::config_problems::{load_config, resolve, Problems, RawTls};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,24 +197,6 @@ pub struct AgentConfig {
     pub stream_idle_timeout: Duration,
 }
 
-/// Every way the file can be wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {} is not valid TOML for a plant: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {} has {} problem(s):\n  - {}", path.display(), problems.len(), problems.join("\n  - "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
-}
-
 impl Default for ModelConfig {
     fn default() -> Self {
         let a = ArchConfig::default();
@@ -247,19 +230,7 @@ impl ModelConfig {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_raw(raw, base).map_err(|problems| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems,
-        })
+        load_config(path, "a plant", Self::from_raw)
     }
 
     /// Validates `raw`, resolving relative paths against `base`; returns every problem found.

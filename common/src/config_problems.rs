@@ -1,9 +1,10 @@
 //! Collecting every problem of a configuration file at once (the two-phase RawConfig →
-//! Config resolution of the coordinator and the client), with messages that say what to do, and
-//! the `[tls]` section both files share.
+//! Config resolution of the coordinator and the client), with messages that say what to do;
+//! reading such a file ([`load_config`]) and the `[tls]` section both files share.
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::tls::TlsFiles;
@@ -16,6 +17,53 @@ pub struct RawTls {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+}
+
+/// Why a config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {} is not valid TOML for {for_what}: {message}", path.display())]
+    Parse {
+        path: PathBuf,
+        /// Whose file it is, e.g. "a plant".
+        for_what: &'static str,
+        message: String,
+    },
+    #[error("config file {} has {} problem(s):\n  - {}", path.display(), problems.len(), problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// Reads `path`, parses it as the raw, all-optional `R` and resolves it with `resolve`,
+/// relative paths taken against the file's folder. `for_what` names whose file it is in a
+/// parse error ("a plant", "the coordinator").
+pub fn load_config<R: DeserializeOwned, T>(
+    path: &Path,
+    for_what: &'static str,
+    resolve: impl FnOnce(R, &Path) -> Result<T, Vec<String>>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let raw: R = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        for_what,
+        message: e.to_string(),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    resolve(raw, base).map_err(|problems| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        problems,
+    })
 }
 
 /// Problems found while resolving a config file; reported together, never one at a time.

@@ -4,7 +4,8 @@
 //! Relative paths are taken relative to the folder of the config file, so a config travels
 //! with the files it names.
 
-use fedinspect_common::config_problems::{resolve, Problems, RawTls};
+pub use fedinspect_common::config_problems::ConfigError;
+use fedinspect_common::config_problems::{load_config, resolve, Problems, RawTls};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -171,24 +172,6 @@ pub enum NormAction {
     Clip,
 }
 
-/// Every problem found in a config file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {} is not valid TOML for the coordinator: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {} has {} problem(s):\n  - {}", path.display(), problems.len(), problems.join("\n  - "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
-}
-
 impl Default for RoundPolicy {
     fn default() -> Self {
         Self {
@@ -238,19 +221,7 @@ impl fmt::Display for NormAction {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_raw(raw, base).map_err(|problems| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems,
-        })
+        load_config(path, "the coordinator", Self::from_raw)
     }
 
     /// Validates `raw`, resolving relative paths against `base`; returns every problem found.
