@@ -95,9 +95,7 @@ impl ServerStep {
 
     /// The same step with heavy-ball momentum `momentum`.
     pub fn with_momentum(self, momentum: f64) -> Result<Self, BadServerMomentum> {
-        if !(momentum.is_finite() && (0.0..=MAX_SERVER_MOMENTUM).contains(&momentum)) {
-            return Err(BadServerMomentum(momentum));
-        }
+        Self::check_momentum(momentum)?;
         let name = if momentum == 0.0 {
             format!("fedavg(server_lr={})", self.lr)
         } else {
@@ -108,6 +106,15 @@ impl ServerStep {
             name,
             ..self
         })
+    }
+
+    /// Whether `momentum` is one [`with_momentum`](Self::with_momentum) takes.
+    pub fn check_momentum(momentum: f64) -> Result<(), BadServerMomentum> {
+        if momentum.is_finite() && (0.0..=MAX_SERVER_MOMENTUM).contains(&momentum) {
+            Ok(())
+        } else {
+            Err(BadServerMomentum(momentum))
+        }
     }
 
     /// This step for a base that was aggregated from `previous` (its parent version; `None`

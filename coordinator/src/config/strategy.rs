@@ -115,20 +115,19 @@ fn server_step(raw: &RawAggregation, p: &mut Problems) -> AggregationStrategy {
     }
     let lr = raw.server_learning_rate.unwrap_or(1.0);
     let momentum = raw.server_momentum.unwrap_or(0.0);
-    let step = match ServerStep::new(lr) {
-        Ok(step) => step,
-        Err(e) => {
-            p.push(format!("aggregation.server_learning_rate: {e}"));
-            return AggregationStrategy::FedAvg;
-        }
-    };
-    match step.with_momentum(momentum) {
-        Ok(_) if lr == 1.0 && momentum == 0.0 => AggregationStrategy::FedAvg,
-        Ok(step) => AggregationStrategy::ServerStep(step),
-        Err(e) => {
-            p.push(format!("aggregation.server_momentum: {e}"));
-            AggregationStrategy::FedAvg
-        }
+    let step = ServerStep::new(lr)
+        .map_err(|e| p.push(format!("aggregation.server_learning_rate: {e}")))
+        .ok();
+    let momentum_ok = ServerStep::check_momentum(momentum)
+        .map_err(|e| p.push(format!("aggregation.server_momentum: {e}")))
+        .is_ok();
+    match step {
+        Some(_) if lr == 1.0 && momentum == 0.0 => AggregationStrategy::FedAvg,
+        Some(step) if momentum_ok => AggregationStrategy::ServerStep(
+            step.with_momentum(momentum)
+                .expect("the momentum was checked above"),
+        ),
+        _ => AggregationStrategy::FedAvg,
     }
 }
 
@@ -243,6 +242,9 @@ mod tests {
             e[0].starts_with("aggregation.server_momentum: server momentum 1 must be"),
             "{e:?}"
         );
+        // Both bad: both reported.
+        let e = resolve("server_momentum = -1.0\nserver_learning_rate = 0.0", 3).unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
         let e = resolve("strategy = \"median\"\nserver_momentum = 0.5", 3).unwrap_err();
         assert!(
             e[0].starts_with("aggregation.server_momentum: only used with strategy = \"fedavg\""),
