@@ -90,6 +90,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The resident-memory chart of a memory_by_round.csv (a run's, or one written from the
+    /// coordinator benchmark's `--rounds-memory` figures), drawn again.
+    PlotMemory {
+        /// round,simulate_bytes,coordinator_bytes; an empty cell: not measured.
+        csv: PathBuf,
+        /// Output path without extension: writes OUT.png and OUT.svg.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() {
@@ -161,6 +170,11 @@ fn run(cli: Cli) -> Result<()> {
                 out,
             })?;
             for f in written {
+                println!("wrote {}", f.display());
+            }
+        }
+        Command::PlotMemory { csv, out } => {
+            for f in plot_csv::plot_memory(&csv, &out)? {
                 println!("wrote {}", f.display());
             }
         }

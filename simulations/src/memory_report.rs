@@ -26,6 +26,49 @@ pub fn csv(by_round: &[RoundMemory]) -> String {
     s
 }
 
+/// Reads back what [`csv`] wrote (or the same columns from elsewhere, e.g. the coordinator
+/// benchmark's long runs); an empty cell is a process not measured that round.
+pub fn parse_csv(text: &str) -> Result<Vec<RoundMemory>, String> {
+    const HEADER: &str = "round,simulate_bytes,coordinator_bytes";
+    let mut lines = text.lines();
+    match lines.next() {
+        Some(h) if h.trim() == HEADER => {}
+        other => {
+            return Err(format!(
+                "the first line is {:?}, not '{HEADER}'; give a memory_by_round.csv",
+                other.unwrap_or("")
+            ))
+        }
+    }
+    let cell = |line: usize, v: &str| -> Result<Option<u64>, String> {
+        if v.trim().is_empty() {
+            return Ok(None);
+        }
+        v.trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("line {line}: '{v}' is not a byte count"))
+    };
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let n = i + 2;
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 3 {
+            return Err(format!("line {n}: {} fields, the header has 3", f.len()));
+        }
+        let round = f[0]
+            .trim()
+            .parse()
+            .map_err(|_| format!("line {n}: '{}' is not a round number", f[0]))?;
+        rows.push(RoundMemory {
+            round,
+            simulate: cell(n, f[1])?,
+            coordinator: cell(n, f[2])?,
+        });
+    }
+    Ok(rows)
+}
+
 /// Resident MiB of both processes by round; `None` when no round was measured.
 pub fn chart(by_round: &[RoundMemory]) -> Option<Chart> {
     let line = |name: &str, f: fn(&RoundMemory) -> Option<u64>| Series {

@@ -2,8 +2,10 @@
 //! of several runs. Arms that ran separately (a baseline added later with
 //! `federation.enabled = false`, runs of two experiment files) meet on one figure without
 //! running anything again; each run's own report only shows the arms it ran.
+//! `simulate plot-memory` draws a `memory_by_round.csv` again (a run's, or one written from
+//! the coordinator benchmark's long runs) as the run's own memory chart.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -136,6 +138,18 @@ pub fn series_from_csv(
     Ok(series)
 }
 
+/// `simulate plot-memory`: the memory chart of `csv` (`round,simulate_bytes,coordinator_bytes`)
+/// as `OUT.png` and `OUT.svg`.
+pub fn plot_memory(csv: &Path, out: &Path) -> Result<[PathBuf; 2]> {
+    let text = std::fs::read_to_string(csv)
+        .with_context(|| format!("cannot read {} (give a memory_by_round.csv)", csv.display()))?;
+    let rows =
+        crate::memory_report::parse_csv(&text).map_err(|e| anyhow!("{}: {e}", csv.display()))?;
+    let chart = crate::memory_report::chart(&rows)
+        .ok_or_else(|| anyhow!("{}: no round has a memory figure", csv.display()))?;
+    write_chart_files(&chart, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +217,31 @@ mod tests {
         assert_eq!((image.width(), image.height()), (WIDTH, HEIGHT));
         let svg = std::fs::read_to_string(svg).unwrap();
         assert!(svg.contains(">run A federated<") && svg.contains(">run A centralised<"));
+    }
+
+    #[test]
+    fn plot_memory_draws_a_memory_csv_and_names_a_wrong_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("memory_by_round.csv");
+        std::fs::write(
+            &csv,
+            "round,simulate_bytes,coordinator_bytes\n1,,1048576\n100,,2097152\n",
+        )
+        .unwrap();
+        let [png, svg] = plot_memory(&csv, &dir.path().join("mem")).unwrap();
+        assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+        assert!(std::fs::read_to_string(&svg)
+            .unwrap()
+            .contains("coordinator"));
+        std::fs::write(&csv, CSV).unwrap();
+        let e = plot_memory(&csv, &dir.path().join("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give a memory_by_round.csv"), "{e}");
+        std::fs::write(&csv, "round,simulate_bytes,coordinator_bytes\n1,,12x\n").unwrap();
+        let e = plot_memory(&csv, &dir.path().join("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2: '12x' is not a byte count"), "{e}");
     }
 }
