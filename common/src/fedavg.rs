@@ -90,7 +90,7 @@ pub use coordinate::COORDINATE_TILE;
 pub use error::FedAvgError;
 pub use median::CoordinateMedian;
 pub use server_step::{
-    is_running_statistic, BadServerLr, BadServerMomentum, ServerStep, MAX_SERVER_LR,
+    is_running_statistic, step_name, BadServerLr, BadServerMomentum, ServerStep, MAX_SERVER_LR,
     MAX_SERVER_MOMENTUM,
 };
 pub use source::{DeltaSource, PlantUpdate};

@@ -162,10 +162,11 @@ impl FederationSettings {
     /// `fedavg(server_lr=2)` when a server learning rate is set,
     /// `fedavg(server_lr=1,momentum=0.5)` with server momentum.
     pub fn strategy_label(&self) -> String {
-        match (self.server_learning_rate, self.server_momentum) {
-            (lr, m) if m != 0.0 => format!("{}(server_lr={lr},momentum={m})", self.strategy),
-            (lr, _) if lr != 1.0 => format!("{}(server_lr={lr})", self.strategy),
-            _ => self.strategy.clone(),
+        let (lr, m) = (self.server_learning_rate, self.server_momentum);
+        if lr == 1.0 && m == 0.0 {
+            self.strategy.clone()
+        } else {
+            fedinspect_common::fedavg::step_name(lr, m)
         }
     }
 }

@@ -88,7 +88,7 @@ impl ServerStep {
         Ok(Self {
             lr,
             momentum: 0.0,
-            name: format!("fedavg(server_lr={lr})"),
+            name: step_name(lr, 0.0),
             previous: None,
         })
     }
@@ -96,14 +96,9 @@ impl ServerStep {
     /// The same step with heavy-ball momentum `momentum`.
     pub fn with_momentum(self, momentum: f64) -> Result<Self, BadServerMomentum> {
         Self::check_momentum(momentum)?;
-        let name = if momentum == 0.0 {
-            format!("fedavg(server_lr={})", self.lr)
-        } else {
-            format!("fedavg(server_lr={},momentum={momentum})", self.lr)
-        };
         Ok(Self {
             momentum,
-            name,
+            name: step_name(self.lr, momentum),
             ..self
         })
     }
@@ -134,6 +129,16 @@ impl ServerStep {
     /// Whether aggregation reads the base's parent version.
     pub fn needs_previous(&self) -> bool {
         self.momentum > 0.0
+    }
+}
+
+/// The name a version's record gets: `fedavg(server_lr=2)`, or
+/// `fedavg(server_lr=1,momentum=0.5)` with momentum.
+pub fn step_name(lr: f64, momentum: f64) -> String {
+    if momentum == 0.0 {
+        format!("fedavg(server_lr={lr})")
+    } else {
+        format!("fedavg(server_lr={lr},momentum={momentum})")
     }
 }
 
