@@ -78,6 +78,9 @@ pub struct DataSettings {
     pub size_skew: f64,
     /// Evaluate at most this many images of each test set (0: all).
     pub eval_limit: usize,
+    /// Score every this many rounds' models (and always the last round's); 1 scores all.
+    /// Long studies spend as long scoring a version as training a round on a CPU.
+    pub eval_every: u32,
     /// Synthetic: `[[data.style]]`, plants whose look is set rather than drawn from the seed.
     pub style: Vec<PlantShift>,
     /// Synthetic: `[[data.drift]]`, plants whose look changes from a round on.
@@ -250,6 +253,7 @@ struct RawData {
     image_size: Option<u32>,
     size_skew: Option<f64>,
     eval_limit: Option<usize>,
+    eval_every: Option<u32>,
     #[serde(default)]
     style: Vec<PlantShift>,
     #[serde(default)]
@@ -500,6 +504,7 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
             image_size,
             size_skew: d.size_skew.unwrap_or(0.0),
             eval_limit: d.eval_limit.unwrap_or(0),
+            eval_every: d.eval_every.unwrap_or(1),
             style: d.style,
             drift,
         },
@@ -561,6 +566,9 @@ pub fn check(s: &Settings) -> Vec<String> {
             "data.plants: {} plants cannot each hold whole board groups of DeepPCB, which has {DEEPPCB_GROUPS}; use at most {DEEPPCB_GROUPS} or split = \"dirichlet\" / \"iid\"",
             d.plants
         ));
+    }
+    if d.eval_every == 0 {
+        p.push("data.eval_every: 0; use 1 to score every round's models, or N to score every Nth round's (the last round is always scored)".into());
     }
     if d.source == Source::Synthetic {
         if d.train_per_plant < 2 {
@@ -767,6 +775,14 @@ fn no_effect(base: &Settings, key: &str) -> Option<String> {
 /// Plants asked per round: `participation` of `plants`, rounded up.
 pub fn participants(plants: u32, participation: f64) -> u32 {
     ((f64::from(plants) * participation).ceil() as u32).clamp(1, plants.max(1))
+}
+
+impl DataSettings {
+    /// Whether round `round` of `rounds` is scored under `eval_every`: every Nth round and
+    /// the last one.
+    pub fn scores_round(&self, round: u64, rounds: u64) -> bool {
+        round == rounds || round % u64::from(self.eval_every.max(1)) == 0
+    }
 }
 
 impl Settings {

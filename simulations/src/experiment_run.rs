@@ -75,7 +75,11 @@ pub fn run_one(
     tch::set_num_threads(i32::try_from(s.compute.threads).unwrap_or(1));
     let sets = EvalSets::load(&data, &arch, device, s.data.eval_limit, interrupt.clone())?;
     clock.say(format!(
-        "scoring the published versions on the global test set ({} images{}) and each plant's own ({} of these sets scored from the global set's detections: their images are in it)",
+        "scoring the published versions{} on the global test set ({} images{}) and each plant's own ({} of these sets scored from the global set's detections: their images are in it)",
+        match s.data.eval_every {
+            1 => String::new(),
+            n => format!(" (one round in {n} and the last: data.eval_every)"),
+        },
         sets.global_len(),
         sets.unseen_len()
             .map_or(String::new(), |n| format!(", unseen groups {n}")),
@@ -84,8 +88,10 @@ pub fn run_one(
     let models = dir.join("site/models");
     let initial_scores = sets.score(&initial_version)?;
     let mut federated = Vec::new();
+    let last_round = rows.last().map_or(0, |r| r.round);
     for row in rows {
-        federated.push(score_round(&sets, row, &models, clock)?);
+        let scored = s.data.scores_round(row.round, last_round);
+        federated.push(score_round(&sets, row, scored, &models, clock)?);
     }
 
     let baseline_started = clock.seconds();
@@ -342,21 +348,29 @@ fn federate(
     Ok((rows, initial, memory))
 }
 
+/// The round's row with its version's scores, when `scored` (`data.eval_every`); the model
+/// hash is recorded either way.
 fn score_round(
     sets: &EvalSets,
     row: RoundRow,
+    scored: bool,
     models: &Path,
     clock: &Clock,
 ) -> Result<FederatedRound> {
     let (hash, scores) = if let Some(version) = row.version {
         let path = models.join(format!("v{version:04}.safetensors"));
         let (model, _) = ModelState::load_safetensors(&path)?;
-        let scores = sets.score(&model)?;
-        clock.say(format!(
-            "  federated round {}: global map_33 {:.3} map_50 {:.3}",
-            row.round, scores.global.map_33, scores.global.map_50
-        ));
-        (Some(model.content_hash().to_hex()), Some(scores))
+        let scores = if scored {
+            let scores = sets.score(&model)?;
+            clock.say(format!(
+                "  federated round {}: global map_33 {:.3} map_50 {:.3}",
+                row.round, scores.global.map_33, scores.global.map_50
+            ));
+            Some(scores)
+        } else {
+            None
+        };
+        (Some(model.content_hash().to_hex()), scores)
     } else {
         (None, None)
     };
@@ -401,8 +415,13 @@ fn centralised(
         s.federation.local_epochs
     ));
     let mut out = Vec::new();
-    for round in 1..=u64::from(s.federation.rounds) {
-        let scores = sets.score(trainer.round()?)?;
+    let rounds = u64::from(s.federation.rounds);
+    for round in 1..=rounds {
+        let model = trainer.round()?;
+        if !s.data.scores_round(round, rounds) {
+            continue;
+        }
+        let scores = sets.score(model)?;
         clock.say(format!(
             "  centralised round {round}: global map_33 {:.3} map_50 {:.3}",
             scores.global.map_33, scores.global.map_50
@@ -424,7 +443,10 @@ fn local_only(
     clock: &Clock,
 ) -> Result<Vec<LocalOnlyRound>> {
     let rounds = u64::from(s.federation.rounds);
-    let mut by_round: Vec<BTreeMap<String, ModelScores>> = vec![BTreeMap::new(); rounds as usize];
+    let scored: Vec<u64> = (1..=rounds)
+        .filter(|&r| s.data.scores_round(r, rounds))
+        .collect();
+    let mut by_round: Vec<BTreeMap<String, ModelScores>> = vec![BTreeMap::new(); scored.len()];
     for (i, p) in data.plants.iter().enumerate() {
         // The plant's own training seed, as in the federation.
         let mut trainer = BaselineTrainer::new(
@@ -436,11 +458,19 @@ fn local_only(
             initial.clone(),
             interrupt.clone(),
         )?;
+        let mut at = by_round.iter_mut();
         for round in 1..=rounds {
-            let scores = sets.score_for_plant(trainer.round()?, &p.id)?;
-            by_round[round as usize - 1].insert(p.id.clone(), scores);
+            let model = trainer.round()?;
+            if s.data.scores_round(round, rounds) {
+                let scores = sets.score_for_plant(model, &p.id)?;
+                if let Some(row) = at.next() {
+                    row.insert(p.id.clone(), scores);
+                }
+            }
         }
-        let last = &by_round[rounds as usize - 1][&p.id];
+        let Some(last) = by_round.last().and_then(|r| r.get(&p.id)) else {
+            continue;
+        };
         clock.say(format!(
             "local-only {}: after {rounds} rounds global map_33 {:.3}, own {}",
             p.id,
@@ -452,12 +482,12 @@ fn local_only(
     }
     Ok(by_round
         .into_iter()
-        .enumerate()
-        .map(|(i, by_plant)| {
+        .zip(scored)
+        .map(|(by_plant, round)| {
             let globals: Vec<_> = by_plant.values().map(|s| s.global).collect();
             let unseen: Vec<_> = by_plant.values().filter_map(|s| s.unseen).collect();
             LocalOnlyRound {
-                round: i as u64 + 1,
+                round,
                 mean_global: mean(&globals),
                 mean_unseen: (!unseen.is_empty()).then(|| mean(&unseen)),
                 own: by_plant

@@ -198,3 +198,23 @@ fn the_shipped_examples_parse() {
         dir.display()
     );
 }
+
+#[test]
+fn eval_every_scores_every_nth_round_and_always_the_last() {
+    let every_round = parse("").unwrap().base;
+    assert_eq!(every_round.data.eval_every, 1);
+    assert!((1..=4).all(|r| every_round.data.scores_round(r, 4)));
+
+    let s = parse("[data]\neval_every = 5\n[federation]\nrounds = 12\n")
+        .unwrap()
+        .base;
+    let scored: Vec<u64> = (1..=12).filter(|&r| s.data.scores_round(r, 12)).collect();
+    assert_eq!(scored, [5, 10, 12]);
+
+    let refused = problems("[data]\neval_every = 0\n");
+    assert!(
+        refused.contains("data.eval_every: 0")
+            && refused.contains("the last round is always scored"),
+        "{refused}"
+    );
+}

@@ -208,6 +208,75 @@ fn the_centralised_baseline_runs_alone_from_the_coordinators_initial_model() {
     assert_eq!(map_csv.lines().count(), 1 + 3 * 4, "{map_csv}");
 }
 
+#[test]
+fn eval_every_scores_every_nth_round_and_the_last_and_keeps_every_rounds_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tiny.toml"))
+            .unwrap();
+    let text = tiny
+        .replace("[data]\n", "[data]\neval_every = 2\n")
+        .replace("rounds = 2\n", "rounds = 3\n")
+        .replace("lr_cycle_rounds = 2 ", "lr_cycle_rounds = 0 ");
+    assert_eq!(text.matches("eval_every = 2").count(), 1, "{text}");
+    assert!(text.contains("rounds = 3\n") && text.contains("lr_cycle_rounds = 0 "));
+    let experiment = dir.path().join("every_second.toml");
+    fs::write(&experiment, text).unwrap();
+    let out = dir.path().join("out");
+    let runs = support::simulate_experiment(experiment, &out, "the eval_every experiment");
+    let m = &runs[0];
+    let run_dir = out.join("runs").join(&m.label);
+
+    // Every round published and recorded; only rounds 2 and 3 (the last) scored.
+    let fed: Vec<(u64, Option<u64>, bool, bool)> = m
+        .federated
+        .iter()
+        .map(|r| {
+            (
+                r.round,
+                r.version,
+                r.model_hash.is_some(),
+                r.scores.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fed,
+        [
+            (1, Some(2), true, false),
+            (2, Some(3), true, true),
+            (3, Some(4), true, true)
+        ]
+    );
+    let centralised: Vec<u64> = m.centralised.iter().map(|r| r.round).collect();
+    let local_only: Vec<u64> = m.local_only.iter().map(|r| r.round).collect();
+    assert_eq!(
+        (centralised.as_slice(), local_only.as_slice()),
+        (&[2, 3][..], &[2, 3][..])
+    );
+    assert!(
+        m.local_only.iter().all(|r| r.own.len() == 3),
+        "{:?}",
+        m.local_only
+    );
+
+    let fed_csv = fs::read_to_string(run_dir.join("federation_rounds.csv")).unwrap();
+    let round_1: Vec<&str> = fed_csv.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!((round_1[0], round_1[1]), ("1", "2"), "{fed_csv}");
+    assert_eq!(
+        (round_1[9], round_1[10]),
+        ("", ""),
+        "no map for an unscored round: {fed_csv}"
+    );
+    let map_csv = fs::read_to_string(run_dir.join("map_by_round.csv")).unwrap();
+    // 3 methods x rounds {0, 2, 3} x (global + 3 plants).
+    assert_eq!(map_csv.lines().count(), 1 + 3 * 3 * 4, "{map_csv}");
+    assert!(
+        !map_csv.lines().any(|l| l.split(',').nth(1) == Some("1")),
+        "{map_csv}"
+    );
+}
+
 /// Every number under a `map_33` or `map_50` key.
 fn collect_maps(v: &Value, out: &mut Vec<f64>) {
     match v {
