@@ -153,41 +153,7 @@ fn train_plan(p: pb::TrainPlan) -> Result<TrainPlan, RpcError> {
 
 /// A download chunk, checked against the bytes received so far and the total seen so far.
 pub fn chunk(c: pb::Chunk, received: u64, total: &mut Option<u64>) -> Result<pb::Chunk, RpcError> {
-    const WHAT: &str = "model download";
-    if c.offset != received {
-        return Err(malformed(
-            WHAT,
-            format!("a chunk at byte {} after {received} bytes", c.offset),
-        ));
-    }
-    if c.data.len() > CHUNK_BYTES {
-        return Err(malformed(
-            WHAT,
-            format!("a chunk of {} bytes", c.data.len()),
-        ));
-    }
-    if c.total_bytes > MAX_MODEL_BYTES {
-        return Err(malformed(
-            WHAT,
-            format!(
-                "{} bytes, over the {MAX_MODEL_BYTES} byte limit",
-                c.total_bytes
-            ),
-        ));
-    }
-    match *total {
-        Some(t) if t != c.total_bytes => {
-            return Err(malformed(
-                WHAT,
-                format!("the total changed from {t} to {}", c.total_bytes),
-            ))
-        }
-        _ => *total = Some(c.total_bytes),
-    }
-    if received + c.data.len() as u64 > c.total_bytes {
-        return Err(malformed(WHAT, "more bytes than the announced total"));
-    }
-    Ok(c)
+    checked_chunk("model download", MAX_MODEL_BYTES, c, received, total)
 }
 
 /// Largest bundle archive accepted: the unpack limit on all files (8 GiB) and its headers.
@@ -199,39 +165,47 @@ pub fn bundle_chunk(
     received: u64,
     total: &mut Option<u64>,
 ) -> Result<pb::Chunk, RpcError> {
-    const WHAT: &str = "bundle download";
+    checked_chunk("bundle download", MAX_BUNDLE_BYTES, c, received, total)
+}
+
+/// A chunk of the download `what`: at the offset reached, no larger than a chunk, its total
+/// within `max_total` and the same as the chunks before it, and not past that total.
+fn checked_chunk(
+    what: &'static str,
+    max_total: u64,
+    c: pb::Chunk,
+    received: u64,
+    total: &mut Option<u64>,
+) -> Result<pb::Chunk, RpcError> {
     if c.offset != received {
         return Err(malformed(
-            WHAT,
+            what,
             format!("a chunk at byte {} after {received} bytes", c.offset),
         ));
     }
     if c.data.len() > CHUNK_BYTES {
         return Err(malformed(
-            WHAT,
+            what,
             format!("a chunk of {} bytes", c.data.len()),
         ));
     }
-    if c.total_bytes > MAX_BUNDLE_BYTES {
+    if c.total_bytes > max_total {
         return Err(malformed(
-            WHAT,
-            format!(
-                "{} bytes, over the {MAX_BUNDLE_BYTES} byte limit",
-                c.total_bytes
-            ),
+            what,
+            format!("{} bytes, over the {max_total} byte limit", c.total_bytes),
         ));
     }
     match *total {
         Some(t) if t != c.total_bytes => {
             return Err(malformed(
-                WHAT,
+                what,
                 format!("the total changed from {t} to {}", c.total_bytes),
             ))
         }
         _ => *total = Some(c.total_bytes),
     }
     if received + c.data.len() as u64 > c.total_bytes {
-        return Err(malformed(WHAT, "more bytes than the announced total"));
+        return Err(malformed(what, "more bytes than the announced total"));
     }
     Ok(c)
 }
@@ -280,5 +254,53 @@ mod tests {
             let err = train_plan(plan(a, b)).unwrap_err().to_string();
             assert!(err.contains("learning-rate span"), "[{a}, {b}]: {err}");
         }
+    }
+
+    fn piece(offset: u64, len: usize, total_bytes: u64) -> pb::Chunk {
+        pb::Chunk {
+            offset,
+            data: vec![7; len],
+            total_bytes,
+            sha256: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn download_chunks_are_refused_naming_the_download_and_what_is_wrong() {
+        let mut total = None;
+        assert!(chunk(piece(0, 4, 10), 0, &mut total).is_ok());
+        assert_eq!(total, Some(10));
+        assert!(chunk(piece(4, 6, 10), 4, &mut total).is_ok());
+        let cases = [
+            (piece(5, 4, 10), 4, "a chunk at byte 5 after 4 bytes"),
+            (piece(4, CHUNK_BYTES + 1, u64::MAX >> 8), 4, "a chunk of"),
+            (piece(4, 4, 12), 4, "the total changed from 10 to 12"),
+            (piece(8, 4, 10), 8, "more bytes than the announced total"),
+        ];
+        for (c, received, want) in cases {
+            let err = chunk(c, received, &mut Some(10)).unwrap_err().to_string();
+            assert!(
+                err.contains("model download") && err.contains(want),
+                "{err}"
+            );
+        }
+        // Each download kind has its own size limit.
+        let over_model = MAX_MODEL_BYTES + 1;
+        let err = chunk(piece(0, 1, over_model), 0, &mut None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("over the") && err.contains("byte limit"),
+            "{err}"
+        );
+        assert!(over_model <= MAX_BUNDLE_BYTES);
+        assert!(bundle_chunk(piece(0, 1, over_model), 0, &mut None).is_ok());
+        let err = bundle_chunk(piece(0, 1, MAX_BUNDLE_BYTES + 1), 0, &mut None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bundle download") && err.contains("byte limit"),
+            "{err}"
+        );
     }
 }
