@@ -32,7 +32,7 @@ use crate::interrupt::Interrupt;
 use crate::plant_data::{self, PreparedData};
 use crate::process_memory::{current_rss, peak_rss, InProcessMemory, ProcessMemory, RoundMemory};
 use crate::processes::{describe, Binaries};
-use crate::progress::{round_watcher, Clock};
+use crate::progress::{round_watcher, time_left, Clock};
 use crate::report::RoundRow;
 use crate::run_metrics::{
     mean, BaselineRound, FederatedRound, LocalOnlyRound, PlantSummary, RunMetrics,
@@ -280,6 +280,7 @@ fn federate(
         clock.say("federation.enabled = false: the coordinator holds (round.hold), the initial model is fetched, no round opens; the baselines follow");
         0
     };
+    let rounds_started = clock.seconds();
     for round in 1..=rounds {
         let detail = fed.wait_for_round(round, round_wait, &mut round_watcher(round, clock))?;
         // In-process plants trained in this process: hand the free pages of their
@@ -297,13 +298,18 @@ fn federate(
             let version = detail.round.published_version;
             export_version(&mut fed, version, &models, &pinned)?;
             clock.say(format!(
-                "round {round}: version {version} published ({} participants); resident memory: simulate {}, coordinator {}",
+                "round {round} of {rounds}: version {version} published ({} participants); resident memory: simulate {}, coordinator {}{}",
                 detail.round.participants,
                 rss(memory.simulate),
-                rss(memory.coordinator)
+                rss(memory.coordinator),
+                left(clock.seconds() - rounds_started, round, rounds),
             ));
         } else {
-            clock.say(format!("round {round} failed: {}", detail.round.failure));
+            clock.say(format!(
+                "round {round} of {rounds} failed: {}{}",
+                detail.round.failure,
+                left(clock.seconds() - rounds_started, round, rounds),
+            ));
         }
         by_round.push(memory);
         // Only the round's figures are kept: its record lists every update (ids, hashes,
@@ -416,15 +422,22 @@ fn centralised(
     ));
     let mut out = Vec::new();
     let rounds = u64::from(s.federation.rounds);
+    let started = clock.seconds();
     for round in 1..=rounds {
         let model = trainer.round()?;
         if !s.data.scores_round(round, rounds) {
+            clock.say(format!(
+                "  centralised round {round} of {rounds} trained{}",
+                left(clock.seconds() - started, round, rounds)
+            ));
             continue;
         }
         let scores = sets.score(model)?;
         clock.say(format!(
-            "  centralised round {round}: global map_33 {:.3} map_50 {:.3}",
-            scores.global.map_33, scores.global.map_50
+            "  centralised round {round} of {rounds}: global map_33 {:.3} map_50 {:.3}{}",
+            scores.global.map_33,
+            scores.global.map_50,
+            left(clock.seconds() - started, round, rounds)
         ));
         out.push(BaselineRound { round, scores });
     }
@@ -498,6 +511,11 @@ fn local_only(
             }
         })
         .collect())
+}
+
+/// `"; about N min left"` after `done` of `total` rounds took `elapsed` seconds, or nothing.
+fn left(elapsed: f64, done: u64, total: u64) -> String {
+    time_left(elapsed, done, total).map_or(String::new(), |t| format!("; {t}"))
 }
 
 fn device(name: &str) -> Result<Device> {

@@ -64,3 +64,33 @@ pub fn round_watcher(round: u64, clock: &Clock) -> impl FnMut(&RoundDetailView) 
         }
     }
 }
+
+/// How long the rest of a phase will take at the pace so far: `done` of `total` steps took
+/// `elapsed_secs`. `None` before the first step and after the last.
+pub fn time_left(elapsed_secs: f64, done: u64, total: u64) -> Option<String> {
+    if done == 0 || done >= total || !elapsed_secs.is_finite() {
+        return None;
+    }
+    let left = elapsed_secs / done as f64 * (total - done) as f64;
+    Some(if left < 90.0 {
+        format!("about {left:.0} s left")
+    } else if left < 5400.0 {
+        format!("about {:.0} min left", left / 60.0)
+    } else {
+        format!("about {:.1} h left", left / 3600.0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time_left;
+
+    #[test]
+    fn time_left_extrapolates_the_pace_so_far() {
+        assert_eq!(time_left(50.0, 1, 60).as_deref(), Some("about 49 min left"));
+        assert_eq!(time_left(30.0, 3, 10).as_deref(), Some("about 70 s left"));
+        assert_eq!(time_left(3600.0, 1, 3).as_deref(), Some("about 2.0 h left"));
+        assert_eq!(time_left(10.0, 0, 5), None, "no pace before the first step");
+        assert_eq!(time_left(10.0, 5, 5), None, "nothing left after the last");
+    }
+}
