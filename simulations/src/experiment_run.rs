@@ -88,7 +88,13 @@ pub fn run_one(
     let models = dir.join("site/models");
     let initial_scores = sets.score(&initial_version)?;
     let mut federated = Vec::new();
-    let last_round = rows.last().map_or(0, |r| r.round);
+    // The final model is always scored, even when the last round failed and the version
+    // before it is the federation's result.
+    let last_round = rows
+        .iter()
+        .rev()
+        .find(|r| r.version.is_some())
+        .map_or(0, |r| r.round);
     for row in rows {
         let scored = s.data.scores_round(row.round, last_round);
         federated.push(score_round(&sets, row, scored, &models, clock)?);
