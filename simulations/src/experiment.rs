@@ -783,6 +783,22 @@ impl DataSettings {
     pub fn scores_round(&self, round: u64, rounds: u64) -> bool {
         round == rounds || round % u64::from(self.eval_every.max(1)) == 0
     }
+
+    /// The federation's rounds to score, given each round and whether it published a version:
+    /// every Nth round that published and the last that did (the federation's result, even
+    /// when a later round failed).
+    pub fn federated_rounds_scored(&self, rounds: &[(u64, bool)]) -> Vec<u64> {
+        let last = rounds
+            .iter()
+            .rev()
+            .find(|(_, published)| *published)
+            .map_or(0, |(r, _)| *r);
+        rounds
+            .iter()
+            .filter(|&&(r, published)| published && self.scores_round(r, last) && r <= last)
+            .map(|(r, _)| *r)
+            .collect()
+    }
 }
 
 impl Settings {

@@ -88,15 +88,14 @@ pub fn run_one(
     let models = dir.join("site/models");
     let initial_scores = sets.score(&initial_version)?;
     let mut federated = Vec::new();
-    // The final model is always scored, even when the last round failed and the version
-    // before it is the federation's result.
-    let last_round = rows
-        .iter()
-        .rev()
-        .find(|r| r.version.is_some())
-        .map_or(0, |r| r.round);
+    let to_score = s.data.federated_rounds_scored(
+        &rows
+            .iter()
+            .map(|r| (r.round, r.version.is_some()))
+            .collect::<Vec<_>>(),
+    );
     for row in rows {
-        let scored = s.data.scores_round(row.round, last_round);
+        let scored = to_score.contains(&row.round);
         federated.push(score_round(&sets, row, scored, &models, clock)?);
     }
 

@@ -210,6 +210,11 @@ fn eval_every_scores_every_nth_round_and_always_the_last() {
         .base;
     let scored: Vec<u64> = (1..=12).filter(|&r| s.data.scores_round(r, 12)).collect();
     assert_eq!(scored, [5, 10, 12]);
+    // The federation's result is scored even when the rounds after it failed.
+    let rounds: Vec<(u64, bool)> = (1..=12).map(|r| (r, r <= 9 && r != 5)).collect();
+    assert_eq!(s.data.federated_rounds_scored(&rounds), [9]);
+    let rounds: Vec<(u64, bool)> = (1..=12).map(|r| (r, r != 11)).collect();
+    assert_eq!(s.data.federated_rounds_scored(&rounds), [5, 10, 12]);
 
     let refused = problems("[data]\neval_every = 0\n");
     assert!(
