@@ -9,6 +9,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use fedinspect_common::delta::Codec;
 use fedinspect_coordinator::config::Limits;
@@ -37,6 +38,22 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
         "{head}"
     );
     body.to_string()
+}
+
+/// Scrapes until `ready` holds for the body (at most 10 s), and returns that body.
+async fn scrape_when(addr: std::net::SocketAddr, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = scrape(addr).await;
+        if ready(&body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the awaited figure never came:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The value of the sample `name` (with its labels, as written) in a scrape.
@@ -137,7 +154,13 @@ async fn metrics_move_with_a_real_round_and_health_reports_serving() {
     }
     wait_for_version(&site, &url, 2).await;
 
-    let after = scrape(metrics).await;
+    // Version 2 is stored before the driver opens round 2: read every figure from one scrape
+    // taken once round 2 is open.
+    let after = scrape_when(metrics, |t| {
+        sample(t, "fedinspect_current_round") == 2.0
+            && sample(t, "fedinspect_current_round_state{state=\"collecting\"}") == 1.0
+    })
+    .await;
     let received: u64 = payloads.iter().map(|p| p.len() as u64).sum();
     assert_eq!(
         sample(&after, "fedinspect_updates_total{result=\"accepted\"}"),
@@ -209,10 +232,7 @@ async fn metrics_move_with_a_real_round_and_health_reports_serving() {
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
     assert!(err.message().contains("round 99 does not exist"), "{err}");
 
-    running
-        .stop(std::time::Duration::from_secs(10))
-        .await
-        .unwrap();
+    running.stop(Duration::from_secs(10)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,10 +317,7 @@ async fn the_audit_log_lists_refusals_revocations_promotions_and_rollbacks() {
         stderr(&o)
     );
 
-    running
-        .stop(std::time::Duration::from_secs(10))
-        .await
-        .unwrap();
+    running.stop(Duration::from_secs(10)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,8 +377,5 @@ async fn check_passes_on_a_healthy_data_dir_and_names_a_corrupted_blob() {
         "{problems:#?}"
     );
 
-    running
-        .stop(std::time::Duration::from_secs(10))
-        .await
-        .unwrap();
+    running.stop(Duration::from_secs(10)).await.unwrap();
 }
