@@ -16,9 +16,12 @@ pub const TABLE_COLUMNS: usize = 12;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The header of `memory_by_round.csv`, written by [`csv`] and required by [`parse_csv`].
+const CSV_HEADER: &str = "round,simulate_bytes,coordinator_bytes";
+
 /// `round,simulate_bytes,coordinator_bytes`, one row per round (empty where not measured).
 pub fn csv(by_round: &[RoundMemory]) -> String {
-    let mut s = String::from("round,simulate_bytes,coordinator_bytes\n");
+    let mut s = format!("{CSV_HEADER}\n");
     let opt = |b: Option<u64>| b.map_or(String::new(), |b| b.to_string());
     for r in by_round {
         let _ = writeln!(s, "{},{},{}", r.round, opt(r.simulate), opt(r.coordinator));
@@ -29,13 +32,12 @@ pub fn csv(by_round: &[RoundMemory]) -> String {
 /// Reads back what [`csv`] wrote (or the same columns from elsewhere, e.g. the coordinator
 /// benchmark's long runs); an empty cell is a process not measured that round.
 pub fn parse_csv(text: &str) -> Result<Vec<RoundMemory>, String> {
-    const HEADER: &str = "round,simulate_bytes,coordinator_bytes";
     let mut lines = text.lines();
     match lines.next() {
-        Some(h) if h.trim() == HEADER => {}
+        Some(h) if h.trim() == CSV_HEADER => {}
         other => {
             return Err(format!(
-                "the first line is {:?}, not '{HEADER}'; give a memory_by_round.csv",
+                "the first line is {:?}, not '{CSV_HEADER}'; give a memory_by_round.csv",
                 other.unwrap_or("")
             ))
         }
