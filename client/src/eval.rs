@@ -43,6 +43,29 @@ pub struct EvalReport {
     pub score_threshold: f64,
 }
 
+impl EvalReport {
+    /// The human-readable report `client eval` and `client eval-onnx` print: one line of
+    /// figures, then AP@0.5 per class, one class a line.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "{} images in {:.1} s: mAP@0.5 {:.4}, mAP@[.5:.95] {:.4}, DeepPCB mAP@0.33 {:.4}, P/R/F1@0.33 {:.3}/{:.3}/{:.3} (score >= {})",
+            self.images,
+            self.seconds,
+            self.map_50,
+            self.map_50_95,
+            self.map_33,
+            self.precision_33,
+            self.recall_33,
+            self.f1_33,
+            self.score_threshold
+        );
+        for (class, ap) in &self.per_class {
+            out.push_str(&format!("\n  {class:<16} AP@0.5 {ap:.4}"));
+        }
+        out
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EvalError {
     #[error("got detections for {detections} images but ground truth for {ground_truth}; pass one list per evaluated image, in the same order")]
@@ -149,4 +172,40 @@ fn check(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_has_every_figure_and_one_line_per_class() {
+        let report = EvalReport {
+            map_50: 0.9512,
+            map_50_95: 0.6021,
+            map_33: 0.9744,
+            precision_33: 0.91,
+            recall_33: 0.88,
+            f1_33: 0.895,
+            per_class: [("open".to_string(), 0.93), ("short".to_string(), 0.97)]
+                .into_iter()
+                .collect(),
+            images: 500,
+            seconds: 21.5,
+            score_threshold: 0.3,
+        };
+        let text = report.summary();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "500 images in 21.5 s: mAP@0.5 0.9512, mAP@[.5:.95] 0.6021, DeepPCB mAP@0.33 0.9744, P/R/F1@0.33 0.910/0.880/0.895 (score >= 0.3)"
+        );
+        assert_eq!(
+            &lines[1..],
+            [
+                "  open             AP@0.5 0.9300",
+                "  short            AP@0.5 0.9700"
+            ]
+        );
+    }
 }

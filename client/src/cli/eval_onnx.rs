@@ -181,21 +181,10 @@ pub fn run(a: &EvalOnnxArgs) -> Result<()> {
         .cloned()
         .unwrap_or_default();
     println!(
-        "{} ({precision}, onnxruntime {}): {} images in {:.1} s: mAP@0.5 {:.4}, mAP@[.5:.95] {:.4}, DeepPCB mAP@0.33 {:.4}, P/R/F1@0.33 {:.3}/{:.3}/{:.3} (score >= {})",
+        "{} ({precision}, onnxruntime {}): {}",
         a.onnx.display(),
         worker.info().onnxruntime,
-        report.images,
-        report.seconds,
-        report.map_50,
-        report.map_50_95,
-        report.map_33,
-        report.precision_33,
-        report.recall_33,
-        report.f1_33,
-        report.score_threshold
+        report.summary()
     );
-    for (class, ap) in &report.per_class {
-        println!("  {class:<16} AP@0.5 {ap:.4}");
-    }
     Ok(())
 }
