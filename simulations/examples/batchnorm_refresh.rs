@@ -18,10 +18,10 @@ use fedinspect_client::cli::eval_onnx::eval_loader;
 use fedinspect_client::data::deeppcb::{self, DeepPcbOptions, Split};
 use fedinspect_client::data::{Channels, Preprocess};
 use fedinspect_client::detector::Detector;
-use fedinspect_common::arch::ArchConfig;
 use fedinspect_common::ModelState;
 use fedinspect_simulations::evaluation::TestSet;
 use fedinspect_simulations::interrupt::Interrupt;
+use fedinspect_simulations::site::SiteSpec;
 use tch::Device;
 
 const BATCH: usize = 8;
@@ -48,13 +48,7 @@ fn main() -> Result<()> {
     let (model, _) = ModelState::from_safetensors_bytes(&bytes)
         .with_context(|| format!("{} is not a model file", model_path.display()))?;
     let channels = Channels::GrayTemplate;
-    let arch = ArchConfig {
-        in_channels: channels.count() as u32,
-        num_classes: 6,
-        input_size,
-        width,
-        ..ArchConfig::default()
-    };
+    let arch = SiteSpec::deeppcb_arch(input_size, width);
     let test = TestSet::load(&root, input_size, 0)?;
     let interrupt = Interrupt::default();
     let before = test.evaluate(&arch, &model, Device::Cpu, &interrupt)?;

@@ -17,11 +17,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use fedinspect_client::data::Channels;
-use fedinspect_common::arch::ArchConfig;
 use fedinspect_common::ModelState;
 use fedinspect_simulations::evaluation::TestSet;
 use fedinspect_simulations::interrupt::Interrupt;
+use fedinspect_simulations::site::SiteSpec;
 use tch::Device;
 
 fn main() -> Result<()> {
@@ -60,13 +59,7 @@ fn main() -> Result<()> {
         .get(1)
         .map_or(Ok(1.0), |v| v.parse())
         .context("WIDTH")?;
-    let arch = ArchConfig {
-        in_channels: Channels::GrayTemplate.count() as u32,
-        num_classes: 6,
-        input_size,
-        width,
-        ..ArchConfig::default()
-    };
+    let arch = SiteSpec::deeppcb_arch(input_size, width);
     let test = TestSet::load(&root, input_size, 0)?;
     let interrupt = Interrupt::default();
     for (from, to) in windows {
