@@ -5,7 +5,9 @@
 //! (tail averaging, as stochastic weight averaging does along one training run) removes that
 //! wander if it is noise around a common optimum. This averages every version of each window
 //! element by element (weights and BatchNorm statistics alike, uniform weights) and scores
-//! the mean on the official test split. It reads the versions a run's coordinator stored; a
+//! the mean on the official test split. It reads the versions a run's coordinator stored, so
+//! any window of a finished run can be tried; `data.tail_mean` in an experiment file scores
+//! the last N models of every method (federated and both baselines) during the run. A
 //! deployment would publish such a mean as its own version. Results: docs/simulations.md,
 //! "Past the reference's budget".
 //!
@@ -21,6 +23,7 @@ use fedinspect_common::ModelState;
 use fedinspect_simulations::evaluation::TestSet;
 use fedinspect_simulations::interrupt::Interrupt;
 use fedinspect_simulations::site::SiteSpec;
+use fedinspect_simulations::tail_mean::mean_of;
 use tch::Device;
 
 fn main() -> Result<()> {
@@ -76,43 +79,18 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The element-wise mean of versions `from..=to`, accumulated in f64 and rounded once.
+/// The element-wise mean of versions `from..=to` ([`mean_of`]).
 fn mean_of_versions(dir: &Path, from: u64, to: u64) -> Result<ModelState> {
-    let mut sums: Vec<(String, Vec<usize>, Vec<f64>)> = Vec::new();
-    for v in from..=to {
-        let path = dir.join(format!("v{v:04}.safetensors"));
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let (model, _) = ModelState::from_safetensors_bytes(&bytes)
-            .with_context(|| format!("{} is not a model file", path.display()))?;
-        if sums.is_empty() {
-            sums = model
-                .iter()
-                .map(|(n, t)| (n.to_string(), t.shape().to_vec(), vec![0.0; t.numel()]))
-                .collect();
-        }
-        ensure!(
-            model.len() == sums.len(),
-            "{} has {} tensors, version {from} has {}",
-            path.display(),
-            model.len(),
-            sums.len()
-        );
-        for (name, shape, sum) in &mut sums {
-            let t = model
-                .get(name)
-                .filter(|t| t.shape() == shape.as_slice())
-                .with_context(|| format!("{} lacks {name} of shape {shape:?}", path.display()))?;
-            for (s, &x) in sum.iter_mut().zip(t.data()) {
-                *s += f64::from(x);
-            }
-        }
-    }
-    let n = (to - from + 1) as f64;
-    let tensors = sums.into_iter().map(|(name, shape, sum)| {
-        let data = sum.into_iter().map(|s| (s / n) as f32).collect();
-        fedinspect_common::Tensor::new(shape, data).map(|t| (name, t))
-    });
-    let tensors: Vec<_> = tensors.collect::<Result<_, _>>()?;
-    Ok(ModelState::from_tensors(tensors)?)
+    let models = (from..=to)
+        .map(|v| {
+            let path = dir.join(format!("v{v:04}.safetensors"));
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let (model, _) = ModelState::from_safetensors_bytes(&bytes)
+                .with_context(|| format!("{} is not a model file", path.display()))?;
+            Ok(model)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    mean_of(&models.iter().collect::<Vec<_>>())
+        .with_context(|| format!("versions {from}-{to} cannot be averaged"))
 }

@@ -81,6 +81,9 @@ pub struct DataSettings {
     /// Score every this many rounds' models (and always the last round's); 1 scores all.
     /// Long studies spend as long scoring a version as training a round on a CPU.
     pub eval_every: u32,
+    /// Also score, for each method, the element-wise mean of its last this many models (the
+    /// federation's last published versions, a baseline's last rounds); 0: off.
+    pub tail_mean: u32,
     /// Synthetic: `[[data.style]]`, plants whose look is set rather than drawn from the seed.
     pub style: Vec<PlantShift>,
     /// Synthetic: `[[data.drift]]`, plants whose look changes from a round on.
@@ -254,6 +257,7 @@ struct RawData {
     size_skew: Option<f64>,
     eval_limit: Option<usize>,
     eval_every: Option<u32>,
+    tail_mean: Option<u32>,
     #[serde(default)]
     style: Vec<PlantShift>,
     #[serde(default)]
@@ -505,6 +509,7 @@ fn resolve(raw: RawParts, default_name: &str, problems: &mut Vec<String>) -> Set
             size_skew: d.size_skew.unwrap_or(0.0),
             eval_limit: d.eval_limit.unwrap_or(0),
             eval_every: d.eval_every.unwrap_or(1),
+            tail_mean: d.tail_mean.unwrap_or(0),
             style: d.style,
             drift,
         },

@@ -35,11 +35,13 @@ use crate::processes::{describe, Binaries};
 use crate::progress::{round_watcher, time_left, Clock};
 use crate::report::RoundRow;
 use crate::run_metrics::{
-    mean, BaselineRound, FederatedRound, LocalOnlyRound, PlantSummary, RunMetrics,
+    mean, BaselineRound, FederatedRound, LocalOnlyRound, PlantSummary, RunMetrics, TailMean,
+    TailMeans,
 };
 use crate::run_report::write_run_report;
 use crate::site::{PlantSpec, RoundSpec, Site, SiteSpec};
 use crate::sweep::Run;
+use crate::tail_mean::{mean_of, TailWindow};
 use crate::versions::export_version;
 
 /// Runs `run` into `out/runs/<label>`, generated data cached in `out/data`.
@@ -94,14 +96,22 @@ pub fn run_one(
             .map(|r| (r.round, r.version.is_some()))
             .collect::<Vec<_>>(),
     );
+    let published: Vec<(u64, u64)> = rows
+        .iter()
+        .filter_map(|r| Some((r.round, r.version?)))
+        .collect();
     for row in rows {
         let scored = to_score.contains(&row.round);
         federated.push(score_round(&sets, row, scored, &models, clock)?);
     }
+    let mut tail_mean = TailMeans {
+        federated: federated_tail(s, &published, &models, &sets, clock)?,
+        ..TailMeans::default()
+    };
 
     let baseline_started = clock.seconds();
     let centralised = if s.baselines.centralised {
-        centralised(
+        let (rounds, tail) = centralised(
             s,
             &data,
             &arch,
@@ -110,12 +120,14 @@ pub fn run_one(
             &sets,
             interrupt,
             clock,
-        )?
+        )?;
+        tail_mean.centralised = tail;
+        rounds
     } else {
         Vec::new()
     };
     let local_only = if s.baselines.local_only {
-        local_only(
+        let (rounds, tail) = local_only(
             s,
             &data,
             &arch,
@@ -124,7 +136,9 @@ pub fn run_one(
             &sets,
             interrupt,
             clock,
-        )?
+        )?;
+        tail_mean.local_only = tail;
+        rounds
     } else {
         Vec::new()
     };
@@ -155,6 +169,7 @@ pub fn run_one(
         federated,
         centralised,
         local_only,
+        tail_mean,
         federation_seconds,
         rounds_per_hour,
         memory,
@@ -409,7 +424,7 @@ fn centralised(
     sets: &EvalSets,
     interrupt: &Interrupt,
     clock: &Clock,
-) -> Result<Vec<BaselineRound>> {
+) -> Result<(Vec<BaselineRound>, Option<TailMean>)> {
     let mut trainer = BaselineTrainer::new(
         &data.source,
         s,
@@ -426,10 +441,12 @@ fn centralised(
         s.federation.local_epochs
     ));
     let mut out = Vec::new();
+    let mut window = TailWindow::new(s.data.tail_mean);
     let rounds = u64::from(s.federation.rounds);
     let started = clock.seconds();
     for round in 1..=rounds {
         let model = trainer.round()?;
+        window.push(round, model);
         if !s.data.scores_round(round, rounds) {
             clock.say(format!(
                 "  centralised round {round} of {rounds} trained{}",
@@ -446,7 +463,64 @@ fn centralised(
         ));
         out.push(BaselineRound { round, scores });
     }
-    Ok(out)
+    let tail = match window.mean()? {
+        Some(((first_round, last_round), model)) => {
+            let scores = sets.score(&model)?;
+            let tail = TailMean {
+                first_round,
+                last_round,
+                models: (last_round - first_round + 1) as usize,
+                scores,
+            };
+            say_tail(clock, "centralised", &tail);
+            Some(tail)
+        }
+        None => None,
+    };
+    Ok((out, tail))
+}
+
+/// The mean of the federation's last `data.tail_mean` published versions, scored.
+fn federated_tail(
+    s: &Settings,
+    published: &[(u64, u64)],
+    models: &Path,
+    sets: &EvalSets,
+    clock: &Clock,
+) -> Result<Option<TailMean>> {
+    let n = (s.data.tail_mean as usize).min(published.len());
+    if n == 0 {
+        return Ok(None);
+    }
+    let last = &published[published.len() - n..];
+    let loaded = last
+        .iter()
+        .map(|(_, v)| {
+            ModelState::load_safetensors(&models.join(format!("v{v:04}.safetensors")))
+                .map(|(m, _)| m)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let model = mean_of(&loaded.iter().collect::<Vec<_>>())?;
+    let tail = TailMean {
+        first_round: last[0].0,
+        last_round: last[n - 1].0,
+        models: n,
+        scores: sets.score(&model)?,
+    };
+    say_tail(clock, "federated", &tail);
+    Ok(Some(tail))
+}
+
+fn say_tail(clock: &Clock, method: &str, t: &TailMean) {
+    clock.say(format!(
+        "  {method}: mean of the models of rounds {}-{} ({} models{}): global map_33 {:.3} map_50 {:.3}",
+        t.first_round,
+        t.last_round,
+        t.models,
+        if method == "local-only" { " per plant, scores averaged over the plants" } else { "" },
+        t.scores.global.map_33,
+        t.scores.global.map_50
+    ));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -459,12 +533,15 @@ fn local_only(
     sets: &EvalSets,
     interrupt: &Interrupt,
     clock: &Clock,
-) -> Result<Vec<LocalOnlyRound>> {
+) -> Result<(Vec<LocalOnlyRound>, Option<TailMean>)> {
     let rounds = u64::from(s.federation.rounds);
     let scored: Vec<u64> = (1..=rounds)
         .filter(|&r| s.data.scores_round(r, rounds))
         .collect();
     let mut by_round: Vec<BTreeMap<String, ModelScores>> = vec![BTreeMap::new(); scored.len()];
+    let mut tails: BTreeMap<String, ModelScores> = BTreeMap::new();
+    let mut tail_rounds = None;
+    let started = clock.seconds();
     for (i, p) in data.plants.iter().enumerate() {
         // The plant's own training seed, as in the federation.
         let mut trainer = BaselineTrainer::new(
@@ -477,14 +554,37 @@ fn local_only(
             interrupt.clone(),
         )?;
         let mut at = by_round.iter_mut();
+        let mut window = TailWindow::new(s.data.tail_mean);
         for round in 1..=rounds {
             let model = trainer.round()?;
+            window.push(round, model);
+            let done = i as u64 * rounds + round;
+            let total = data.plants.len() as u64 * rounds;
+            let left = left(clock.seconds() - started, done, total);
             if s.data.scores_round(round, rounds) {
                 let scores = sets.score_for_plant(model, &p.id)?;
+                clock.say(format!(
+                    "  local-only {} round {round} of {rounds}: global map_33 {:.3}, own {}{left}",
+                    p.id,
+                    scores.global.map_33,
+                    scores
+                        .plants
+                        .get(&p.id)
+                        .map_or("-".into(), |m| format!("{:.3}", m.map_33))
+                ));
                 if let Some(row) = at.next() {
                     row.insert(p.id.clone(), scores);
                 }
+            } else {
+                clock.say(format!(
+                    "  local-only {} round {round} of {rounds} trained{left}",
+                    p.id
+                ));
             }
+        }
+        if let Some((span, model)) = window.mean()? {
+            tails.insert(p.id.clone(), sets.score_for_plant(&model, &p.id)?);
+            tail_rounds = Some(span);
         }
         let Some(last) = by_round.last().and_then(|r| r.get(&p.id)) else {
             continue;
@@ -498,24 +598,45 @@ fn local_only(
                 .map_or("-".into(), |m| format!("{:.3}", m.map_33))
         ));
     }
-    Ok(by_round
+    let tail = tail_rounds.map(|(first_round, last_round)| {
+        let t = local_only_round(last_round, tails);
+        TailMean {
+            first_round,
+            last_round,
+            models: (last_round - first_round + 1) as usize,
+            scores: ModelScores {
+                global: t.mean_global,
+                unseen: t.mean_unseen,
+                plants: t.own,
+            },
+        }
+    });
+    if let Some(t) = &tail {
+        say_tail(clock, "local-only", t);
+    }
+    let rounds = by_round
         .into_iter()
         .zip(scored)
-        .map(|(by_plant, round)| {
-            let globals: Vec<_> = by_plant.values().map(|s| s.global).collect();
-            let unseen: Vec<_> = by_plant.values().filter_map(|s| s.unseen).collect();
-            LocalOnlyRound {
-                round,
-                mean_global: mean(&globals),
-                mean_unseen: (!unseen.is_empty()).then(|| mean(&unseen)),
-                own: by_plant
-                    .iter()
-                    .filter_map(|(id, s)| Some((id.clone(), *s.plants.get(id)?)))
-                    .collect(),
-                by_plant,
-            }
-        })
-        .collect())
+        .map(|(by_plant, round)| local_only_round(round, by_plant))
+        .collect();
+    Ok((rounds, tail))
+}
+
+/// The plants' local-only models after `round`: their scores averaged over the plants, and
+/// each plant's on its own test data.
+fn local_only_round(round: u64, by_plant: BTreeMap<String, ModelScores>) -> LocalOnlyRound {
+    let globals: Vec<_> = by_plant.values().map(|s| s.global).collect();
+    let unseen: Vec<_> = by_plant.values().filter_map(|s| s.unseen).collect();
+    LocalOnlyRound {
+        round,
+        mean_global: mean(&globals),
+        mean_unseen: (!unseen.is_empty()).then(|| mean(&unseen)),
+        own: by_plant
+            .iter()
+            .filter_map(|(id, s)| Some((id.clone(), *s.plants.get(id)?)))
+            .collect(),
+        by_plant,
+    }
 }
 
 /// `"; about N min left"` after `done` of `total` rounds took `elapsed` seconds, or nothing.

@@ -44,5 +44,6 @@ pub mod site;
 pub mod sweep;
 pub mod synthetic;
 pub mod synthetic_styles;
+pub mod tail_mean;
 pub mod versions;
 pub mod virtual_plants;

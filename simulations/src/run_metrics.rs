@@ -3,8 +3,9 @@
 //! and the baselines' mAP, each on the global test split, the unseen groups' boards and each
 //! plant's own test data. Written as `metrics.json` (everything) and two CSV files in long
 //! format for spreadsheets and pandas: `federation_rounds.csv` (one row per round) and
-//! `map_by_round.csv` (one row per method, round and test set); `memory_by_round.csv` comes
-//! from [`crate::memory_report`].
+//! `map_by_round.csv` (one row per method, round and test set), and `tail_mean.csv` (each
+//! method's mean of its last models, [`crate::tail_mean`]); `memory_by_round.csv` comes from
+//! [`crate::memory_report`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -57,6 +58,64 @@ pub struct LocalOnlyRound {
     pub by_plant: BTreeMap<String, ModelScores>,
 }
 
+/// The mean of one method's last models (`data.tail_mean`), scored like a model of its own.
+#[derive(Clone, Debug, Serialize)]
+pub struct TailMean {
+    /// The rounds whose models were averaged, first and last.
+    pub first_round: u64,
+    pub last_round: u64,
+    /// Models in the mean (per plant for local-only).
+    pub models: usize,
+    /// Local-only: the plants' means on the global and unseen sets averaged over the plants,
+    /// and each plant's mean on its own test data, as for [`LocalOnlyRound`].
+    pub scores: ModelScores,
+}
+
+/// Every method's tail mean in a run with `data.tail_mean` set.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TailMeans {
+    pub federated: Option<TailMean>,
+    pub centralised: Option<TailMean>,
+    pub local_only: Option<TailMean>,
+}
+
+impl TailMeans {
+    pub fn is_empty(&self) -> bool {
+        self.federated.is_none() && self.centralised.is_none() && self.local_only.is_none()
+    }
+
+    /// `tail_mean.csv`: one row per method and test set.
+    pub fn csv(&self) -> String {
+        let mut s = String::from("method,first_round,last_round,models,test_set,map_33,map_50\n");
+        for (method, t) in [
+            ("federated", &self.federated),
+            ("centralised", &self.centralised),
+            ("local_only", &self.local_only),
+        ] {
+            let Some(t) = t else { continue };
+            let mut row = |set: &str, m: &Map| {
+                let _ = writeln!(
+                    s,
+                    "{method},{},{},{},{set},{},{}",
+                    t.first_round,
+                    t.last_round,
+                    t.models,
+                    fmt6(m.map_33),
+                    fmt6(m.map_50)
+                );
+            };
+            row("global", &t.scores.global);
+            if let Some(u) = &t.scores.unseen {
+                row("unseen", u);
+            }
+            for (p, m) in &t.scores.plants {
+                row(p, m);
+            }
+        }
+        s
+    }
+}
+
 /// A plant as the run set it up.
 #[derive(Clone, Debug, Serialize)]
 pub struct PlantSummary {
@@ -81,6 +140,8 @@ pub struct RunMetrics {
     pub federated: Vec<FederatedRound>,
     pub centralised: Vec<BaselineRound>,
     pub local_only: Vec<LocalOnlyRound>,
+    /// Each method's mean of its last `data.tail_mean` models; empty when that is 0.
+    pub tail_mean: TailMeans,
     /// From starting the processes to stopping them after the last round.
     pub federation_seconds: f64,
     /// Federated rounds per hour of wall-clock time on this machine (start-up included).
@@ -116,7 +177,7 @@ impl RunMetrics {
     }
 
     /// Writes `metrics.json`, `federation_rounds.csv`, `map_by_round.csv` and (when rounds
-    /// ran) `memory_by_round.csv` into `dir`.
+    /// ran) `memory_by_round.csv` and (with `data.tail_mean`) `tail_mean.csv` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         fsutil::write_bytes_atomic(&dir.join("metrics.json"), &serde_json::to_vec_pretty(self)?)?;
         fsutil::write_bytes_atomic(
@@ -124,6 +185,12 @@ impl RunMetrics {
             self.federation_csv().as_bytes(),
         )?;
         fsutil::write_bytes_atomic(&dir.join("map_by_round.csv"), self.map_csv().as_bytes())?;
+        if !self.tail_mean.is_empty() {
+            fsutil::write_bytes_atomic(
+                &dir.join("tail_mean.csv"),
+                self.tail_mean.csv().as_bytes(),
+            )?;
+        }
         if !self.memory.by_round.is_empty() {
             fsutil::write_bytes_atomic(
                 &dir.join("memory_by_round.csv"),

@@ -385,6 +385,7 @@ fn run_markdown(m: &RunMetrics) -> String {
             100.0 * r
         );
     }
+    tail_mean_lines(&mut s, m);
     let _ = writeln!(
         s,
         "\n![map_33 by round](map33_vs_round.png)\n\n![map_50 by round](map50_vs_round.png)\n\n![per-plant map_33](per_plant_map33.png)\n\n![bytes vs map_33](bytes_vs_map33.png)\n\nThe same figures as SVG: [map_33](map33_vs_round.svg), [map_50](map50_vs_round.svg), [per plant](per_plant_map33.svg), [bytes](bytes_vs_map33.svg).\n"
@@ -428,10 +429,51 @@ fn run_markdown(m: &RunMetrics) -> String {
     }
     let _ = writeln!(
         s,
-        "\n## Files\n\n`metrics.json` (everything), `federation_rounds.csv`, `map_by_round.csv` (method, round, test set), `settings.toml` (this run's resolved settings), `site/` (PKI, coordinator data, plant states, logs, exported versions in `site/models/`).\n\n## What the figures measure\n\n{MEASURES}\n\n## Configuration\n\n```toml\n{}```",
+        "\n## Files\n\n`metrics.json` (everything), `federation_rounds.csv`, `map_by_round.csv` (method, round, test set), `tail_mean.csv` (with `data.tail_mean`), `settings.toml` (this run's resolved settings), `site/` (PKI, coordinator data, plant states, logs, exported versions in `site/models/`).\n\n## What the figures measure\n\n{MEASURES}\n\n## Configuration\n\n```toml\n{}```",
         m.settings.to_toml()
     );
     s
+}
+
+/// The "Mean of the last models" section (`data.tail_mean`); nothing when it is off.
+fn tail_mean_lines(s: &mut String, m: &RunMetrics) {
+    let t = &m.tail_mean;
+    if t.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## Mean of the last {} models\n\nEach method's last models averaged element by element (weights and BatchNorm statistics, uniformly; `data.tail_mean`), scored as one model: the federation's last published versions, a baseline's models after its last rounds (local-only: each plant's own mean, scores averaged over the plants). `tail_mean.csv` has every test set.\n\n| method | rounds | models | global map_33 | global map_50 | unseen map_33 |\n|---|---|---:|---:|---:|---:|",
+        m.settings.data.tail_mean
+    );
+    for (name, t) in [
+        ("federated", &t.federated),
+        ("centralised", &t.centralised),
+        ("local-only (mean)", &t.local_only),
+    ] {
+        let Some(t) = t else { continue };
+        let _ = writeln!(
+            s,
+            "| {name} | {}-{} | {} | {:.3} | {:.3} | {} |",
+            t.first_round,
+            t.last_round,
+            t.models,
+            t.scores.global.map_33,
+            t.scores.global.map_50,
+            map33(t.scores.unseen)
+        );
+    }
+    if let (Some(f), Some(c)) = (&t.federated, &t.centralised) {
+        if c.scores.global.map_33 > 0.0 {
+            let _ = writeln!(
+                s,
+                "\nThe federation's mean reaches **{:.1}%** of the centralised mean's map_33.",
+                100.0 * f.scores.global.map_33 / c.scores.global.map_33
+            );
+        } else {
+            let _ = writeln!(s, "\nThe centralised mean scores map_33 0: no ratio.");
+        }
+    }
 }
 
 fn abbreviate(groups: &[String]) -> String {
@@ -443,7 +485,7 @@ fn abbreviate(groups: &[String]) -> String {
 }
 
 fn summary_csv(runs: &[RunMetrics]) -> String {
-    let mut s = String::from("run,swept,plants,rounds,local_epochs,codec,fedprox_mu,alpha,participation,strategy,seed,federated_map_33,federated_map_50,centralised_map_33,local_only_map_33,federated_over_centralised,bytes_up,bytes_down,federation_seconds,rounds_per_hour,plant_peak_rss_bytes\n");
+    let mut s = String::from("run,swept,plants,rounds,local_epochs,codec,fedprox_mu,alpha,participation,strategy,seed,federated_map_33,federated_map_50,centralised_map_33,local_only_map_33,federated_over_centralised,bytes_up,bytes_down,federation_seconds,rounds_per_hour,plant_peak_rss_bytes,federated_tail_map_33,centralised_tail_map_33,local_only_tail_map_33\n");
     let f = |m: Option<Map>, pick: fn(&Map) -> f64| {
         m.map_or(String::new(), |m| format!("{:.6}", pick(&m)))
     };
@@ -452,7 +494,7 @@ fn summary_csv(runs: &[RunMetrics]) -> String {
         let swept: Vec<String> = m.swept.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{},{},{},{}",
             m.label,
             csv_text(&swept.join(" ")),
             m.plants.len(),
@@ -476,6 +518,18 @@ fn summary_csv(runs: &[RunMetrics]) -> String {
             m.memory
                 .mean_plant()
                 .map_or(String::new(), |b| b.to_string()),
+            f(
+                m.tail_mean.federated.as_ref().map(|t| t.scores.global),
+                |m| m.map_33
+            ),
+            f(
+                m.tail_mean.centralised.as_ref().map(|t| t.scores.global),
+                |m| m.map_33
+            ),
+            f(
+                m.tail_mean.local_only.as_ref().map(|t| t.scores.global),
+                |m| m.map_33
+            ),
         );
     }
     s

@@ -28,6 +28,7 @@ fn an_empty_file_gets_the_documented_defaults() {
     assert_eq!((s.data.plants, s.data.alpha), (3, 1.0));
     assert_eq!((s.data.train_per_plant, s.data.test_per_plant), (64, 16));
     assert_eq!((s.model.input_size, s.model.crop_size), (128, 64));
+    assert_eq!((s.data.eval_every, s.data.tail_mean), (1, 0));
     let f = &s.federation;
     assert_eq!((f.rounds, f.local_epochs, f.batch_size), (4, 1, 8));
     assert_eq!(

@@ -144,6 +144,40 @@ fn the_tiny_experiment_writes_consistent_reports() {
     let summary = fs::read_to_string(out.join("summary.csv")).unwrap();
     assert_eq!(summary.lines().count(), 2, "{summary}");
     assert!(summary.lines().nth(1).unwrap().starts_with(&m.label));
+
+    // tail_mean = 2: every method's mean of its models after rounds 1 and 2, in the CSV (one
+    // row per method and test set: global + 3 plants) and the report.
+    let tail_csv = fs::read_to_string(run_dir.join("tail_mean.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = tail_csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 3 * 4, "{tail_csv}");
+    for method in ["federated", "centralised", "local_only"] {
+        let of: Vec<_> = rows.iter().filter(|r| r[0] == method).collect();
+        assert_eq!(of.len(), 4, "{method}: {tail_csv}");
+        assert!(
+            of.iter().all(|r| r[1..4] == ["1", "2", "2"]),
+            "{method}: {tail_csv}"
+        );
+    }
+    let t = &m.tail_mean;
+    let fed = t.federated.as_ref().expect("the federation's tail mean");
+    let global: Vec<&str> = rows
+        .iter()
+        .find(|r| r[0] == "federated" && r[4] == "global")
+        .unwrap()
+        .clone();
+    assert!((global[5].parse::<f64>().unwrap() - fed.scores.global.map_33).abs() < 1e-6);
+    assert!(t.centralised.is_some() && t.local_only.as_ref().unwrap().scores.plants.len() == 3);
+    assert!(report.contains("## Mean of the last 2 models"), "{report}");
+    let ratio_line = if t.centralised.as_ref().unwrap().scores.global.map_33 > 0.0 {
+        "of the centralised mean's map_33"
+    } else {
+        "The centralised mean scores map_33 0: no ratio."
+    };
+    assert!(report.contains(ratio_line), "{report}");
 }
 
 #[test]
@@ -215,10 +249,12 @@ fn eval_every_scores_every_nth_round_and_the_last_and_keeps_every_rounds_row() {
         fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tiny.toml"))
             .unwrap();
     let text = tiny
+        .replace("tail_mean = 2 ", "tail_mean = 1 ")
         .replace("[data]\n", "[data]\neval_every = 2\n")
         .replace("rounds = 2\n", "rounds = 3\n")
         .replace("lr_cycle_rounds = 2 ", "lr_cycle_rounds = 0 ");
     assert_eq!(text.matches("eval_every = 2").count(), 1, "{text}");
+    assert_eq!(text.matches("tail_mean = 1 ").count(), 1, "{text}");
     assert!(text.contains("rounds = 3\n") && text.contains("lr_cycle_rounds = 0 "));
     let experiment = dir.path().join("every_second.toml");
     fs::write(&experiment, text).unwrap();
@@ -258,6 +294,26 @@ fn eval_every_scores_every_nth_round_and_the_last_and_keeps_every_rounds_row() {
         m.local_only.iter().all(|r| r.own.len() == 3),
         "{:?}",
         m.local_only
+    );
+
+    // tail_mean = 1: each method's "mean" is its last model alone, bit for bit, so it
+    // scores exactly as that model did on every test set.
+    let t = &m.tail_mean;
+    let last = |x: &Option<fedinspect_simulations::run_metrics::TailMean>| {
+        let x = x.as_ref().expect("a tail mean");
+        assert_eq!((x.first_round, x.last_round, x.models), (3, 3, 1));
+        x.scores.clone()
+    };
+    assert_eq!(last(&t.federated), *m.federated[2].scores.as_ref().unwrap());
+    assert_eq!(last(&t.centralised), m.centralised[1].scores);
+    let local = last(&t.local_only);
+    assert_eq!(
+        (local.global, local.unseen, &local.plants),
+        (
+            m.local_only[1].mean_global,
+            m.local_only[1].mean_unseen,
+            &m.local_only[1].own
+        )
     );
 
     let fed_csv = fs::read_to_string(run_dir.join("federation_rounds.csv")).unwrap();
