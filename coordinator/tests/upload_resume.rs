@@ -282,9 +282,19 @@ async fn a_durable_prefix_survives_sigkill_and_the_resume_completes() {
     first.kill();
     drop((p1, p2));
 
-    // As if bytes had been written after the last fsync, plus a stray file in flight.
-    let held = files(&blobs.join("partial"), "part");
-    assert_eq!(held.len(), 1, "{held:?}");
+    // As if bytes had been written after the last fsync, plus a stray file in flight. The
+    // mark that UploadStatus reads is written before the broken stream's file moves from
+    // `incoming/` to `partial/`, so the kill can land on either side of that move (on a
+    // loaded machine it does): start-up recovery must handle both.
+    let held: Vec<_> = files(&blobs.join("partial"), "part")
+        .into_iter()
+        .chain(files(&blobs.join("incoming"), "part"))
+        .collect();
+    assert_eq!(
+        held.len(),
+        1,
+        "one file of the upload, held or in flight: {held:?}"
+    );
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&held[0].0)

@@ -355,3 +355,62 @@ fn err(path: &Path, source: io::Error) -> StorageError {
         source,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(plant: &str, id: &UpdateId, durable: u64) -> PartialMark {
+        PartialMark {
+            plant: plant.into(),
+            update_id: id.to_hex(),
+            round: 1,
+            header: BTreeMap::new(),
+            durable_bytes: durable,
+            prefix_sha256: hex::encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                &vec![7u8; durable as usize],
+            )),
+        }
+    }
+
+    /// A kill lands before or after a broken stream's file moves from `incoming/` to
+    /// `partial/` (its mark is written first): either way start-up keeps the checkpointed
+    /// prefix in `partial/`, cut to the mark, and drops what no mark covers.
+    #[test]
+    fn recovery_keeps_the_marked_prefix_wherever_the_kill_left_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let p = Partials::open(root).unwrap();
+        let (in_flight, parked) = (UpdateId([1; 16]), UpdateId([2; 16]));
+        for (id, folder) in [(&in_flight, &p.incoming), (&parked, &p.held)] {
+            let stem = stem("plant-1", id);
+            let json = serde_json::to_vec(&mark("plant-1", id, 64)).unwrap();
+            std::fs::write(p.mark_path(&stem), json).unwrap();
+            // 64 checkpointed bytes and 10 written after the last fsync.
+            let mut bytes = vec![7u8; 64];
+            bytes.extend_from_slice(b"unsynced!!");
+            std::fs::write(folder.join(format!("{stem}.part")), bytes).unwrap();
+        }
+        let orphan = stem("plant-2", &UpdateId([3; 16]));
+        std::fs::write(p.incoming.join(format!("{orphan}.part")), b"no mark").unwrap();
+        std::fs::write(p.held.join(format!("{orphan}.part")), b"no mark").unwrap();
+        drop(p);
+
+        let p = Partials::open(root).unwrap();
+        assert_eq!(list(&p.incoming).unwrap(), Vec::<PathBuf>::new());
+        for id in [&in_flight, &parked] {
+            let m = p.mark("plant-1", id).expect("the mark survives");
+            let claim = p.claim("plant-1", id).unwrap();
+            assert_eq!(
+                std::fs::metadata(p.held_path(&claim.stem)).unwrap().len(),
+                64
+            );
+            assert!(
+                p.verify(&claim, &m).unwrap(),
+                "the prefix its mark describes"
+            );
+        }
+        assert!(!p.held_path(&orphan).exists());
+    }
+}
