@@ -469,7 +469,7 @@ fn centralised(
             let tail = TailMean {
                 first_round,
                 last_round,
-                models: (last_round - first_round + 1) as usize,
+                models: window.len(),
                 scores,
             };
             say_tail(clock, "centralised", &tail);
@@ -513,11 +513,10 @@ fn federated_tail(
 
 fn say_tail(clock: &Clock, method: &str, t: &TailMean) {
     clock.say(format!(
-        "  {method}: mean of the models of rounds {}-{} ({} models{}): global map_33 {:.3} map_50 {:.3}",
+        "  {method}: mean of the models of rounds {}-{} ({} models): global map_33 {:.3} map_50 {:.3}",
         t.first_round,
         t.last_round,
         t.models,
-        if method == "local-only" { " per plant, scores averaged over the plants" } else { "" },
         t.scores.global.map_33,
         t.scores.global.map_50
     ));
@@ -584,7 +583,7 @@ fn local_only(
         }
         if let Some((span, model)) = window.mean()? {
             tails.insert(p.id.clone(), sets.score_for_plant(&model, &p.id)?);
-            tail_rounds = Some(span);
+            tail_rounds = Some((span, window.len()));
         }
         let Some(last) = by_round.last().and_then(|r| r.get(&p.id)) else {
             continue;
@@ -598,12 +597,12 @@ fn local_only(
                 .map_or("-".into(), |m| format!("{:.3}", m.map_33))
         ));
     }
-    let tail = tail_rounds.map(|(first_round, last_round)| {
+    let tail = tail_rounds.map(|((first_round, last_round), models)| {
         let t = local_only_round(last_round, tails);
         TailMean {
             first_round,
             last_round,
-            models: (last_round - first_round + 1) as usize,
+            models,
             scores: ModelScores {
                 global: t.mean_global,
                 unseen: t.mean_unseen,
@@ -612,7 +611,11 @@ fn local_only(
         }
     });
     if let Some(t) = &tail {
-        say_tail(clock, "local-only", t);
+        say_tail(
+            clock,
+            "local-only (each plant's own mean, scores averaged over the plants)",
+            t,
+        );
     }
     let rounds = by_round
         .into_iter()

@@ -38,6 +38,15 @@ impl TailWindow {
         self.models.push_back((round, model.clone()));
     }
 
+    /// Models in the window now.
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
     /// The first and last round in the window and the mean of its models; `None` when empty.
     pub fn mean(&self) -> Result<Option<((u64, u64), ModelState)>> {
         let (Some((first, _)), Some((last, _))) = (self.models.front(), self.models.back()) else {
