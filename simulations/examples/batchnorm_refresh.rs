@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use fedinspect_client::cli::eval_onnx::eval_loader;
+use fedinspect_client::cli::scoring_data::eval_loader;
 use fedinspect_client::data::deeppcb::{self, DeepPcbOptions, Split};
 use fedinspect_client::data::{Channels, Preprocess};
 use fedinspect_client::detector::Detector;

@@ -1,6 +1,6 @@
 //! `client eval-onnx`: an exported ONNX model (FP32 or INT8 QDQ) run by onnxruntime on the
 //! DeepPCB test split and scored like `client eval` (same loader, decoder and mAP), plus the
-//! checkpoint and dataset helpers that `client export` and `client bench --onnx` share.
+//! checkpoint and worker helpers that `client export` and `client bench --onnx` share.
 
 use std::path::{Path, PathBuf};
 
@@ -8,12 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tch::Device;
 
-use super::require_data_folder;
-use crate::data::deeppcb::{self, DeepPcbOptions, Split};
-use crate::data::{
-    validate, Augment, Channels, Dataset, Loader, LoaderOptions, OnInvalid, Preprocess,
-    ValidateOptions,
-};
+use super::scoring_data::{deeppcb_split, eval_loader};
+use crate::data::deeppcb::Split;
+use crate::data::{Channels, Preprocess};
 use crate::detector::{CheckpointInfo, Detector};
 use crate::eval::onnx::{OrtOptions, OrtWorker};
 use crate::eval::onnx_eval;
@@ -70,58 +67,6 @@ pub fn load_checkpoint(path: &Path) -> Result<(Detector, Preprocess, String)> {
     };
     let hash = det.state()?.content_hash().to_hex();
     Ok((det, preprocess, hash))
-}
-
-/// A DeepPCB split, validated (unreadable items skipped), optionally restricted to `groups`.
-pub fn deeppcb_split(
-    data: &Path,
-    split: Split,
-    preprocess: &Preprocess,
-    groups: &[String],
-) -> Result<Dataset> {
-    require_data_folder(data)?;
-    let loaded = deeppcb::load(
-        data,
-        split,
-        &DeepPcbOptions {
-            template: preprocess.channels == Channels::GrayTemplate,
-        },
-    )?;
-    let checked = validate(
-        loaded,
-        &ValidateOptions {
-            channels: preprocess.channels,
-            decode: false,
-            on_invalid: OnInvalid::Skip,
-        },
-    )?;
-    let dataset = checked.dataset;
-    if groups.is_empty() {
-        return Ok(dataset);
-    }
-    let available = dataset.groups();
-    let unknown: Vec<&String> = groups.iter().filter(|g| !available.contains(g)).collect();
-    if !unknown.is_empty() {
-        bail!("--groups {unknown:?}: not groups of this split; it has {available:?}");
-    }
-    let wanted: Vec<&str> = groups.iter().map(String::as_str).collect();
-    Ok(dataset.with_groups(&wanted))
-}
-
-/// Letterboxed, unaugmented batches of `dataset`, in item order.
-pub fn eval_loader(dataset: Dataset, preprocess: Preprocess, batch: usize) -> Result<Loader> {
-    let input = preprocess.input_size;
-    let options = LoaderOptions {
-        batch_size: batch.max(1),
-        prefetch: 2,
-        ..LoaderOptions::default()
-    };
-    Ok(Loader::new(
-        dataset,
-        preprocess,
-        Augment::none(input),
-        options,
-    )?)
 }
 
 /// Starts an onnxruntime worker on `model` and checks that it holds `expected_hash`'s weights.

@@ -12,7 +12,8 @@ use fedinspect_common::fsutil;
 use fedinspect_common::onnx::{self, ActivationRanges, ExportOptions};
 use fedinspect_common::ModelState;
 
-use super::eval_onnx::{deeppcb_split, eval_loader, load_checkpoint};
+use super::eval_onnx::load_checkpoint;
+use super::scoring_data::{deeppcb_split, eval_loader};
 use crate::data::deeppcb::Split;
 use crate::data::{Dataset, Preprocess};
 use crate::detector::Detector;

@@ -12,13 +12,11 @@ use fedinspect_common::detection::Detection;
 use image::{ImageDecoder, ImageReader};
 use tch::Device;
 
+use super::scoring_data::{deeppcb_split, eval_loader};
 use super::{device, require_data_folder};
-use crate::data::deeppcb::{self, DeepPcbOptions, Split};
+use crate::data::deeppcb::Split;
 use crate::data::loader::Skipped;
-use crate::data::{
-    validate, Augment, Channels, Dataset, Item, Loader, LoaderOptions, OnInvalid, Preprocess,
-    ValidateOptions,
-};
+use crate::data::{Channels, Dataset, Item, Preprocess};
 use crate::detector::{CheckpointInfo, DecodeParams, Detector};
 use crate::eval::{self, export, EvalReport};
 
@@ -106,31 +104,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         tch::set_num_threads(i32::try_from(a.threads)?);
     }
     let (det, preprocess) = load_for_inference(&a.checkpoint, device(&a.device)?, a.input_size)?;
-    let loaded = deeppcb::load(
-        &a.data,
-        Split::Test,
-        &DeepPcbOptions {
-            template: preprocess.channels == Channels::GrayTemplate,
-        },
-    )?;
-    let checked = validate(
-        loaded,
-        &ValidateOptions {
-            channels: preprocess.channels,
-            decode: false,
-            on_invalid: OnInvalid::Skip,
-        },
-    )?;
-    let mut dataset = checked.dataset;
-    if !a.groups.is_empty() {
-        let available = dataset.groups();
-        let unknown: Vec<&String> = a.groups.iter().filter(|g| !available.contains(g)).collect();
-        if !unknown.is_empty() {
-            bail!("--groups {unknown:?}: not groups of the test split; test.txt has {available:?}");
-        }
-        let wanted: Vec<&str> = a.groups.iter().map(String::as_str).collect();
-        dataset = dataset.with_groups(&wanted);
-    }
+    let mut dataset = deeppcb_split(&a.data, Split::Test, &preprocess, &a.groups)?;
     if a.limit > 0 {
         dataset.items.truncate(a.limit);
     }
@@ -153,16 +127,7 @@ fn evaluate(
     dataset: Dataset,
     preprocess: Preprocess,
 ) -> Result<(EvalReport, Vec<Vec<Detection>>, Vec<Skipped>)> {
-    let input = preprocess.input_size;
-    let loader = Loader::new(
-        dataset,
-        preprocess,
-        Augment::none(input),
-        LoaderOptions {
-            batch_size: 4,
-            ..LoaderOptions::default()
-        },
-    )?;
+    let loader = eval_loader(dataset, preprocess, 4)?;
     let started = Instant::now();
     let mut by_id = Vec::new();
     for batch in loader.eval_batches() {

@@ -12,6 +12,7 @@ pub mod eval_onnx;
 pub mod export;
 pub mod infer;
 pub mod onnx_bench;
+pub mod scoring_data;
 pub mod train;
 
 pub fn device(name: &str) -> Result<Device> {

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::eval_onnx::{deeppcb_split, eval_loader, load_checkpoint, start_worker};
+use super::eval_onnx::{load_checkpoint, start_worker};
 use super::export::{export_models, print_exported, Int8Args};
+use super::scoring_data::{deeppcb_split, eval_loader};
 use crate::data::deeppcb::Split;
 use crate::eval::onnx::OrtWorker;
 use crate::eval::onnx_bench::{alternate, table};
