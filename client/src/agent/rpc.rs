@@ -251,22 +251,12 @@ impl Connection {
             bytes.extend_from_slice(&chunk.data);
             digest = chunk.sha256;
         }
-        let malformed = |reason: String| RpcError::Malformed {
-            what: "model download",
-            reason,
-        };
-        if Some(bytes.len() as u64) != total {
-            return Err(malformed(format!(
-                "the stream ended after {} of {:?} bytes",
-                bytes.len(),
-                total
-            )));
-        }
-        if digest != sha256(&bytes) {
-            return Err(malformed(
-                "the bytes do not match the SHA-256 of the last chunk".into(),
-            ));
-        }
+        from_proto::stream_end(bytes.len() as u64, total, &sha256(&bytes), &digest).map_err(
+            |reason| RpcError::Malformed {
+                what: "model download",
+                reason,
+            },
+        )?;
         Ok(bytes)
     }
 

@@ -69,17 +69,7 @@ impl Connection {
             digest = chunk.sha256;
         }
         file.flush().map_err(write_err)?;
-        if Some(received) != total {
-            return Err(corrupt(format!(
-                "the stream ended after {received} of {} bytes",
-                total.map_or("an unknown number of".into(), |t| t.to_string())
-            )));
-        }
-        if ctx.finish().as_ref() != digest.as_slice() {
-            return Err(corrupt(
-                "the bytes do not match the SHA-256 of the last chunk".into(),
-            ));
-        }
+        from_proto::stream_end(received, total, ctx.finish().as_ref(), &digest).map_err(corrupt)?;
         Ok(received)
     }
 

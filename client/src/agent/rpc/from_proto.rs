@@ -168,6 +168,29 @@ pub fn bundle_chunk(
     checked_chunk("bundle download", MAX_BUNDLE_BYTES, c, received, total)
 }
 
+/// The end of a download stream, checked the same way for models and bundles: it delivered
+/// the total its chunks announced, and its bytes hash (`computed`) to the SHA-256 its last
+/// chunk carries (`announced`). Otherwise the reason, for the caller's error.
+pub fn stream_end(
+    received: u64,
+    total: Option<u64>,
+    computed: &[u8],
+    announced: &[u8],
+) -> Result<(), String> {
+    if Some(received) != total {
+        return Err(format!(
+            "the stream ended after {received} of {} bytes; download it again",
+            total.map_or("an unknown number of".into(), |t| t.to_string())
+        ));
+    }
+    if computed != announced {
+        return Err(
+            "the bytes do not match the SHA-256 of the last chunk; download it again".into(),
+        );
+    }
+    Ok(())
+}
+
 /// A chunk of the download `what`: at the offset reached, no larger than a chunk, its total
 /// within `max_total` and the same as the chunks before it, and not past that total.
 fn checked_chunk(
@@ -302,5 +325,22 @@ mod tests {
             err.contains("bundle download") && err.contains("byte limit"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_download_that_ends_short_or_hashes_wrong_is_refused_saying_which() {
+        let good = [1u8; 32];
+        assert!(stream_end(10, Some(10), &good, &good).is_ok());
+        let short = stream_end(6, Some(10), &good, &good).unwrap_err();
+        assert!(short.contains("after 6 of 10 bytes"), "{short}");
+        let empty = stream_end(0, None, &good, &good).unwrap_err();
+        assert!(
+            empty.contains("after 0 of an unknown number of bytes"),
+            "{empty}"
+        );
+        let wrong = stream_end(10, Some(10), &good, &[2u8; 32]).unwrap_err();
+        assert!(wrong.contains("do not match the SHA-256"), "{wrong}");
+        let none = stream_end(10, Some(10), &good, &[]).unwrap_err();
+        assert!(none.contains("do not match the SHA-256"), "{none}");
     }
 }
